@@ -1,0 +1,1 @@
+"""Prefect flows (the DAG and stage selection) and the `rsft` command line."""

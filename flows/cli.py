@@ -1,0 +1,131 @@
+"""`rsft`: run the pipeline, inspect its stages and settings. User mistakes print one line and
+exit 2; nothing is published for them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from settings import UserError, dump_settings, load_settings, preset_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="reasoning-sft: Prefect + Megatron-core SFT pipeline for reasoning LLMs.")
+settings_app = typer.Typer(no_args_is_help=True, help="Inspect settings.")
+app.add_typer(settings_app, name="settings")
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Optional[str], typer.Argument(
+    metavar="[PRESET|FILE]", help=f"A preset ({', '.join(preset_names())}) or a YAML file; "
+    "default: tiny.", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set train.lr=1e-5 (repeatable).")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    for line in message.splitlines():
+        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    from_stage: Annotated[Optional[str], typer.Option(
+        "--from", help="Rerun this stage and everything downstream of it.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(
+        help="Run only this stage (repeatable); its inputs must already be built.")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(
+        help="Rebuild this stage even if cached (repeatable, or 'all'); downstream stages "
+        "rebuild only if its output changed.")] = None,
+    verify: Annotated[bool, typer.Option(
+        help="Check content hashes of reused artifacts (sizes are always checked).")] = False,
+) -> None:
+    """Run the pipeline (cached stages are skipped)."""
+    try:
+        settings = load_settings(config, set_)
+        # Plan before starting Prefect, so a mistake costs no server start-up.
+        from flows.pipeline import plan_pipeline
+        from flows.selection import Selection
+
+        plan_pipeline(settings, Selection(from_stage, list(only or []), until, list(force or [])))
+    except UserError as e:
+        fail(str(e))
+    from flows.pipeline import sft_pipeline
+
+    state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
+                         force=force, verify=verify, return_state=True)
+    if state.is_failed():
+        fail(state.message or "the pipeline failed (see the log above)",
+             code=2 if "encountered an exception" not in (state.message or "") else 1)
+    manifests = state.result()
+    table = Table(title=f"{settings.name}: artifacts")
+    for col in ("stage", "key", "size", "path"):
+        table.add_column(col)
+    for name, m in manifests.items():
+        table.add_row(name, m.key, f"{m.size / 1e6:.1f} MB", m.path)
+    Console().print(table)
+
+
+@app.command()
+def stages(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    verify: Annotated[bool, typer.Option(help="Also check content hashes.")] = False,
+) -> None:
+    """Show each stage's artifact key, whether it is built (cached), its size and path."""
+    from flows.pipeline import plan_pipeline, status_table
+    from flows.selection import Selection
+
+    try:
+        settings = load_settings(config, set_)
+        rows = status_table(settings, plan_pipeline(settings, Selection()), verify=verify)
+    except UserError as e:
+        fail(str(e))
+    table = Table(title=f"{settings.name}: stages under {settings.workdir}")
+    for col in rows[0]:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+
+
+@settings_app.command("show")
+def settings_show(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    docs: Annotated[bool, typer.Option(help="List every setting with its description.")] = False,
+) -> None:
+    """Print the resolved settings as YAML (or, with --docs, what each setting means)."""
+    try:
+        settings = load_settings(config, set_)
+    except UserError as e:
+        fail(str(e))
+    if docs:
+        from settings.docs import settings_reference
+
+        typer.echo(settings_reference())
+    else:
+        typer.echo(dump_settings(settings), nl=False)
+
+
+def main() -> None:
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API's first start migrates its database: slow on a 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

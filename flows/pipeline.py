@@ -1,0 +1,147 @@
+"""The `sft-pipeline` Prefect flow: plans every stage's artifact key from the settings, then runs
+the selected stages in DAG order as cached Prefect tasks.
+
+Before any work it checks the whole plan (settings, stage selection, source fingerprints, and that
+every stage it reuses already has an intact artifact), so a mistake fails in seconds with one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+from prefect.states import Failed
+
+from flows.selection import Selection, resolve
+from settings.errors import UserError
+from settings.models import PipelineSettings
+from tasks import BY_NAME, STAGE_NAMES
+from tasks.artifacts import ArtifactStore, Manifest
+from tasks.stage import STAGE_CACHE, StagePlan, cache_key, plan_key, stage_task
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    action: str
+    """`run`, `force` or `reuse`."""
+    plan: StagePlan
+
+
+def plan_pipeline(settings: PipelineSettings, selection: Selection) -> list[PlannedStage]:
+    """Every needed stage's key, in DAG order. Raises UserError for any mistake."""
+    actions = resolve(selection)
+    keys: dict[str, str] = {}
+    planned = []
+    for name in STAGE_NAMES:
+        stage = BY_NAME[name]
+        if not all(u in keys for u in stage.upstream):
+            continue
+        plan = plan_key(stage, stage.settings(settings), keys)
+        keys[name] = plan.key
+        if name in actions:
+            planned.append(PlannedStage(name, actions[name], plan))
+    return planned
+
+
+def status_table(settings: PipelineSettings, planned: list[PlannedStage],
+                 verify: bool = False) -> list[dict[str, str]]:
+    """One row per stage: key, whether an intact artifact exists, its size and path."""
+    store = ArtifactStore(settings.workdir)
+    rows = []
+    for p in planned:
+        manifest, why = store.check(p.name, p.plan.key, verify=verify)
+        rows.append({
+            "stage": p.name, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
+            "size": f"{manifest.size / 1e6:.1f} MB" if manifest else "-",
+            "path": str(store.path(p.name, p.plan.key)),
+        })
+    return rows
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    settings = flow_run.parameters.get("settings") or {}
+    name = settings.get("name", "run") if isinstance(settings, dict) else settings.name
+    return f"{name}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+
+
+@flow(name="sft-pipeline", flow_run_name=_run_name, log_prints=True)
+def sft_pipeline(
+    settings: PipelineSettings = PipelineSettings(),
+    from_stage: str | None = None,
+    only: list[str] | None = None,
+    until: str | None = None,
+    force: list[str] | None = None,
+    verify: bool = False,
+) -> dict[str, Manifest]:
+    """Fine-tune a reasoning LLM: download → patch_tokenizer → … as resumable cached stages.
+
+    `from_stage` reruns a stage and everything after it; `only` runs just the named stages
+    (reusing their inputs); `until` stops after a stage; `force` rebuilds stages even if cached;
+    `verify` checks every reused artifact's content hashes, not only its file sizes.
+    """
+    log = get_run_logger()
+    selection = Selection(from_stage, list(only or []), until, list(force or []))
+    try:
+        return _run(settings, selection, verify, log)
+    except UserError as e:
+        log.error("%s", e)
+        return Failed(message=str(e))
+
+
+def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) -> dict[str, Manifest]:
+    workdir = Path(settings.workdir).resolve()
+    store = ArtifactStore(workdir)
+    planned = plan_pipeline(settings, selection)
+    manifests: dict[str, Manifest] = {}
+    for p in planned:  # reused inputs must exist before anything runs
+        if p.action == "reuse":
+            manifest, why = store.check(p.name, p.plan.key, verify=verify)
+            if manifest is None:
+                raise UserError(f"stage {p.name} is needed as input but its artifact {p.plan.key} is "
+                                f"{why}; run it first (drop --only/--from) or `rsft run --until {p.name}`")
+            manifests[p.name] = manifest
+    status: dict[str, str] = {}
+    for p in planned:
+        if p.action == "reuse":
+            status[p.name] = "reused (not selected)"
+            continue
+        stage = BY_NAME[p.name]
+        upstream = {u: manifests[u] for u in stage.upstream}
+        existing, _ = store.check(p.name, p.plan.key, verify=verify)
+        if existing and existing.inputs != {u: m.content_hash for u, m in upstream.items()}:
+            existing = None  # built from other upstream content: never trusted
+        force = p.action == "force"
+        task = stage_task.with_options(
+            name=p.name, task_run_name=p.name, refresh_cache=force or existing is None,
+            cache_policy=STAGE_CACHE.configure(key_storage=workdir / "prefect" / "cache-keys"),
+            result_storage=workdir / "prefect" / "results",
+        )
+        args = dict(stage=stage, section=stage.settings(settings), plan=p.plan, upstream=upstream,
+                    workdir=str(workdir), cache_key=cache_key(p.plan, upstream), force=force,
+                    verify=verify)
+        state = task(**args, return_state=True)
+        if state.is_failed():
+            raise UserError(f"{p.name}: {state.message}")
+        manifest = state.result()
+        if state.name == "Cached" and (existing is None or manifest.content_hash != existing.content_hash):
+            log.warning("%s: cache record disagrees with the artifact on disk; rebuilding", p.name)
+            state = task.with_options(refresh_cache=True)(**args, return_state=True)
+            manifest = state.result()
+        manifests[p.name] = manifest
+        status[p.name] = state.name
+    _summary_artifact(manifests, status)
+    return manifests
+
+
+def _summary_artifact(manifests: dict[str, Manifest], status: dict[str, str]) -> None:
+    rows = ["| stage | state | key | size | path |", "|---|---|---|---|---|"]
+    for name, m in manifests.items():
+        rows.append(f"| {name} | {status[name]} | `{m.key}` | {m.size / 1e6:.1f} MB | `{m.path}` |")
+    create_markdown_artifact("\n".join(rows), key="sft-pipeline-stages",
+                             description="Stage artifacts of this run")

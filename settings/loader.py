@@ -1,0 +1,96 @@
+"""Load settings: a preset name or YAML file, plus `a.b.c=value` overrides, validated in one go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from settings.errors import UserError
+from settings.models import PipelineSettings
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "tiny"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config(name_or_file: str | None) -> Path:
+    """A preset name (`tiny`) or a path to a YAML file → the YAML file to read."""
+    name_or_file = name_or_file or DEFAULT_PRESET
+    path = Path(name_or_file)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise UserError(f"settings file {path} does not exist")
+        return path
+    preset = PRESETS_DIR / f"{name_or_file}.yaml"
+    if not preset.is_file():
+        raise UserError(
+            f"unknown preset '{name_or_file}'; presets: {', '.join(preset_names())} "
+            "(or pass a path to a YAML file)"
+        )
+    return preset
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}{where}: invalid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` in place; the value is parsed as a YAML scalar/flow value."""
+    dotted, sep, raw = assignment.partition("=")
+    if not sep or not dotted.strip():
+        raise UserError(f"--set '{assignment}': expected KEY=VALUE, e.g. train.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = dotted.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: field path, the value given, what is allowed."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        given = "" if e["type"] == "missing" else f" = {e.get('input')!r}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (see `rsft settings show --docs` for the valid keys)"
+        lines.append(f"{origin}: {loc}{given}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(name_or_file: str | None = None, overrides: list[str] | None = None) -> PipelineSettings:
+    path = resolve_config(name_or_file)
+    data = read_yaml(path)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return PipelineSettings.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, path.name)) from None
+
+
+def dump_settings(settings: PipelineSettings) -> str:
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,211 @@
+"""Typed settings for the whole pipeline: one pydantic model per stage, one root model.
+
+Every field is documented by the docstring under it (pydantic reads them as descriptions, so they
+show in `rsft settings show --docs`, the JSON schema and the Prefect UI). Unknown keys are errors.
+Fields marked `affects_key=False` never change a stage's artifact key (secrets, verbosity).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HF_SOURCE = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
+BUILTIN_SOURCE = re.compile(r"^builtin:(?P<name>[\w.\-]+)$")
+
+
+def not_in_key(**kwargs: Any) -> Any:
+    """A field that does not change the artifact key (secrets, logging)."""
+    return Field(json_schema_extra={"affects_key": False}, **kwargs)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False
+    )
+
+
+class DownloadSettings(Strict):
+    """Stage `download`: fetch the base HF model folder."""
+
+    source: str = "builtin:tiny-qwen2"
+    """Where the model comes from: `hf://org/name@revision` (Hugging Face Hub; a branch or tag is
+    resolved to its commit and pinned), a local HF model directory, or `builtin:tiny-qwen2` (a
+    deterministic random-weight Qwen2 shaped like DeepSeek-R1-Distill-Qwen-1.5B, real tokenizer)."""
+
+    allow_pickle: bool = False
+    """Accept pickle weights (`*.bin`, `*.pt`, `*.pth`). They can run code when loaded, so only
+    safetensors are taken unless this is true."""
+
+    hf_token_secret: str | None = not_in_key(default=None)
+    """Name of a Prefect Secret block holding a Hugging Face token. Without it `HF_TOKEN` (or the
+    huggingface_hub login) is used. The token is never logged or stored in artifacts."""
+
+    @field_validator("source")
+    @classmethod
+    def _source_form(cls, v: str) -> str:
+        if v.startswith("hf://") and not HF_SOURCE.match(v):
+            raise ValueError("expected hf://org/name or hf://org/name@revision")
+        if v.startswith("builtin:") and not BUILTIN_SOURCE.match(v):
+            raise ValueError("expected builtin:NAME, e.g. builtin:tiny-qwen2")
+        return v
+
+
+class TokenRename(Strict):
+    """Turn one added token into another (Thinkless: `<|quad_start|>` → `<short>`)."""
+
+    id: int
+    """Token id to edit."""
+    original: str
+    """Content the id must have before patching (anything else is refused)."""
+    content: str
+    """Content after patching."""
+    special: bool = False
+    """Whether the patched token is special (special tokens vanish with skip_special_tokens)."""
+
+
+class PatchTokenizerSettings(Strict):
+    """Stage `patch_tokenizer`: settings-driven edits of tokenizer.json / tokenizer_config.json."""
+
+    renames: list[TokenRename] = Field(
+        default_factory=lambda: [
+            TokenRename(id=151650, original="<|quad_start|>", content="<short>", special=False)
+        ]
+    )
+    """Added tokens to rename. Default: id 151650 `<|quad_start|>` becomes the non-special control
+    token `<short>` (the same name in both files)."""
+
+    keep_reasoning: bool = True
+    """Keep full `<think>…</think>` traces in assistant turns (removes the R1 template's
+    `content.split('</think>')[-1]`, which would train on answers without their reasoning)."""
+
+    generation_prompt_suffix: str | None = ""
+    """What follows the assistant tag in the generation prompt. `""` (default): nothing, so the
+    model picks `<think>` or `<short>` itself, exactly as in training data; `"\\n"`: the seed's
+    template; null: leave the template's generation prompt as it is (R1: `<think>\\n`)."""
+
+    chat_template_file: Path | None = None
+    """Replace the chat template with the Jinja template in this file (applied before the edits
+    above, which are then checked against it)."""
+
+    single_tokens: list[str] = Field(default_factory=lambda: ["<think>", "</think>"])
+    """Strings that must each encode to exactly one token after patching (checked)."""
+
+
+class ConvertSettings(Strict):
+    """Stage `convert` (HF → Megatron torch_dist): parallel layout of the converted checkpoint."""
+
+    tensor_parallel: int = Field(default=1, ge=1)
+    """Tensor-parallel size (must divide the attention heads and KV groups)."""
+    pipeline_parallel: int = Field(default=1, ge=1)
+    """Pipeline-parallel size (must divide the number of layers)."""
+    dtype: Literal["source", "bfloat16", "float16", "float32"] = "source"
+    """Parameter dtype of the checkpoint; `source` keeps the HF model's dtype."""
+
+
+class DatasetSource(Strict):
+    """One source of a dataset mixture."""
+
+    path: str
+    """`hf://org/name@revision`, or a local JSON/JSONL/Parquet file or folder."""
+    weight: float = Field(default=1.0, gt=0)
+    """Fraction (<1 keeps part, seeded) or upsampling factor (>1) of this source."""
+    split: str = "train"
+    """Split to read (hub datasets)."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Field map onto the normalised schema, e.g. {problem: user, generated_solution: assistant}."""
+
+
+class DatasetSettings(Strict):
+    """Stage `dataset`: sources and mixture of the SFT data."""
+
+    sources: list[DatasetSource] = Field(default_factory=list)
+    """The mixture; rows are shuffled with `seed`."""
+    test_split: float = Field(default=0.0, ge=0)
+    """Held-out test rows: a fraction (<1) or a count (≥1)."""
+    seed: int = 1234
+    """Shuffle / sampling seed."""
+
+
+class TokenizeSettings(Strict):
+    """Stage `tokenize`: chat template, response-only labels, packing."""
+
+    seq_length: int = Field(default=16384, ge=8)
+    """Training sequence length (tokens per packed row)."""
+    pack: bool = True
+    """Best-fit-decreasing packing of whole samples into `seq_length` rows (documents never attend
+    to each other); false gives the seed's one padded sample per row."""
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """What to do with samples longer than `seq_length` (always counted in the statistics)."""
+
+
+class TrainSettings(Strict):
+    """Stage `train`: megatron-core SFT under torchrun."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`cpu` (gloo, local spec, torch AdamW), `cuda` (NCCL, TE, DistributedOptimizer), or `auto`."""
+    nproc_per_node: int = Field(default=1, ge=1)
+    """Processes (GPUs) per node."""
+    nnodes: int = Field(default=1, ge=1)
+    """Nodes in the torchrun job."""
+    train_iters: int = Field(default=40, ge=1)
+    """Optimizer steps."""
+    global_batch_size: int = Field(default=8, ge=1)
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = Field(default=1, ge=1)
+    """Sequences per forward pass per rank."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(default=1e-4, ge=0)
+    """Final learning rate of the cosine decay."""
+    lr_warmup_iters: int = Field(default=4, ge=0)
+    """Linear warm-up steps."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = Field(default=0.1, ge=0)
+    """Decoupled weight decay (not applied to biases and norms)."""
+    clip_grad: float = Field(default=1.0, ge=0)
+    """Global gradient-norm clip (0 = off)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """Compute precision (parameters are kept in fp32 by the optimizer)."""
+    use_distributed_optimizer: bool = False
+    """Megatron DistributedOptimizer (shards optimizer state over data-parallel ranks; GPU only)."""
+    save_interval: int = Field(default=20, ge=1)
+    """Checkpoint every N steps (and at the end)."""
+    seed: int = 1234
+    """Model-init / dropout / data-order seed."""
+    log_interval: int = not_in_key(default=1, ge=1)
+    """Log metrics every N steps."""
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainSettings":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class PipelineSettings(Strict):
+    """The whole pipeline: where artifacts live and every stage's settings."""
+
+    name: str = "tiny"
+    """Name of this configuration (the preset's name; shown in flow-run names)."""
+    workdir: Path = not_in_key(default=Path("rsft-work"))
+    """Root of the artifact store (`<workdir>/artifacts/<stage>/<key>/`), logs and Prefect cache
+    records. Relative paths are relative to the current directory."""
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
+    patch_tokenizer: PatchTokenizerSettings = Field(default_factory=PatchTokenizerSettings)
+    convert: ConvertSettings = Field(default_factory=ConvertSettings)
+    dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)

@@ -1,0 +1,242 @@
+"""The content-addressed artifact store.
+
+Every stage output lives at `<workdir>/artifacts/<stage>/<key>/`, where the key hashes the stage's
+name, version, key-relevant settings and its upstream artifacts' keys. An artifact is visible only
+when complete:
+
+    build into `<stage>/.tmp-<key>-<pid>-<rand>/` → fsync every file → rename to `<key>/`
+    → write `manifest.json` last (relative paths, sizes, sha256, lineage), atomically.
+
+A directory without a valid manifest, or whose files do not match it, is never trusted: `check`
+reports why and the caller rebuilds it. Sizes are always checked; content hashes with `verify`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from settings.errors import UserError
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 16
+_CHUNK = 1 << 20
+
+
+class FileEntry(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What a stage published: passed between tasks instead of the data itself."""
+
+    stage: str
+    key: str
+    version: str
+    path: str
+    """Absolute path of the artifact directory."""
+    key_material: dict[str, Any]
+    """Everything the key was computed from (settings, fingerprints, upstream keys)."""
+    inputs: dict[str, str] = Field(default_factory=dict)
+    """Upstream stage → content hash of the artifact this one was built from (lineage)."""
+    meta: dict[str, Any] = Field(default_factory=dict)
+    """Stage-specific facts about the output (deterministic: no timestamps)."""
+    files: list[FileEntry]
+    content_hash: str
+    """Hash over every file's path and sha256 and `meta`: equal content ⇔ equal hash."""
+    created_unix: float = 0.0
+    build_seconds: float = 0.0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def compute_key(key_material: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical(key_material)).hexdigest()[:KEY_LENGTH]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(files: list[FileEntry], meta: dict[str, Any]) -> str:
+    material = {"files": sorted((f.path, f.sha256) for f in files), "meta": meta}
+    return hashlib.sha256(_canonical(material)).hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArtifactStore:
+    """`<workdir>/artifacts`: publish, check and locate stage artifacts."""
+
+    def __init__(self, workdir: Path):
+        self.root = Path(workdir).resolve() / "artifacts"
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    # -- reading ---------------------------------------------------------------------------
+    def check(self, stage: str, key: str, verify: bool = False) -> tuple[Manifest | None, str]:
+        """The artifact's manifest if it is complete and intact, else (None, why not)."""
+        final = self.path(stage, key)
+        if not final.is_dir():
+            return None, "not built"
+        try:
+            manifest = Manifest.model_validate_json((final / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None, "incomplete (no manifest): an interrupted publish"
+        except (OSError, ValueError) as e:
+            return None, f"unreadable manifest ({type(e).__name__})"
+        if manifest.stage != stage or manifest.key != key:
+            return None, "manifest belongs to another artifact"
+        for entry in manifest.files:
+            file = final / entry.path
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                return None, f"missing file {entry.path}"
+            if size != entry.size:
+                return None, f"{entry.path} has {size} bytes, manifest says {entry.size}"
+            if verify and sha256_file(file) != entry.sha256:
+                return None, f"{entry.path} content hash differs from the manifest"
+        manifest.path = str(final)  # the workdir may have moved since it was written
+        return manifest, "ok"
+
+    def load(self, stage: str, key: str, verify: bool = False) -> Manifest | None:
+        return self.check(stage, key, verify)[0]
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def publish(self, stage: str, key: str, key_material: dict[str, Any],
+                inputs: dict[str, str], version: str) -> Iterator[_Build]:
+        """Build into a private temp dir; on normal exit make it the artifact, atomically.
+
+        On any exception the temp dir is removed and nothing at `<stage>/<key>` changes.
+        """
+        stage_dir = self.root / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale(stage_dir)
+        tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        build = _Build(tmp)
+        started = time.time()
+        try:
+            yield build
+            files = self._seal(tmp)
+            final = self.path(stage, key)
+            manifest = Manifest(
+                stage=stage, key=key, version=version, path=str(final), key_material=key_material,
+                inputs=inputs, meta=build.meta, files=files,
+                content_hash=content_hash(files, build.meta), created_unix=time.time(),
+                build_seconds=round(time.time() - started, 3),
+            )
+            self._replace(tmp, final)
+            self._write_manifest(final, manifest)
+            build.manifest = manifest
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(
+                    f"disk full while publishing {stage}/{key} under {self.root}: free space "
+                    "there (or set workdir to a larger disk) and rerun; nothing was published"
+                ) from None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _seal(tmp: Path) -> list[FileEntry]:
+        """Hash and fsync every file; refuse links that point outside the artifact."""
+        entries = []
+        for file in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+            rel = file.relative_to(tmp).as_posix()
+            if file.is_symlink():
+                raise RuntimeError(f"artifact file {rel} is a symlink; stages must write real files")
+            _fsync_path(file)
+            entries.append(FileEntry(path=rel, size=file.stat().st_size, sha256=sha256_file(file)))
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_path(d)
+        return entries
+
+    @staticmethod
+    def _replace(tmp: Path, final: Path) -> None:
+        """Move the sealed temp dir into place; an old (invalid or forced) artifact is removed."""
+        if final.exists():
+            trash = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync_path(final.parent)
+
+    @staticmethod
+    def _write_manifest(final: Path, manifest: Manifest) -> None:
+        tmp = final / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            f.write(manifest.model_dump_json(indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final / MANIFEST)
+        _fsync_path(final)
+
+    @staticmethod
+    def _sweep_stale(stage_dir: Path) -> None:
+        """Remove temp/trash dirs left by killed processes (never those of a live builder)."""
+        for d in stage_dir.glob(".*-*"):
+            if d.name.startswith(".tmp-"):
+                try:
+                    pid = int(d.name.split("-")[2])
+                except (IndexError, ValueError):
+                    pid = -1
+                if pid > 0 and _pid_alive(pid):
+                    continue
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class _Build:
+    """Handle given to a stage while it builds: where to write, and facts to record."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.meta: dict[str, Any] = {}
+        self.manifest: Manifest | None = None

@@ -1,0 +1,142 @@
+"""What a stage is, how its key is computed, and the one thin Prefect wrapper every stage shares.
+
+A stage module defines a plain `build` function (settings + upstream artifact dirs → files in
+`out`, facts in `meta`) and a `Stage` record naming its version, upstream stages and settings
+section. `execute` publishes the build atomically through the artifact store; `prefect_task`
+wraps `execute` as a Prefect task whose cache key is the artifact's identity, so a reused stage
+shows as `Cached` in the UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.logging import get_run_logger
+from prefect.states import Failed
+from pydantic import BaseModel
+
+from settings.errors import UserError
+from settings.models import PipelineSettings
+from tasks.artifacts import ArtifactStore, Manifest, compute_key
+
+
+@dataclass
+class BuildContext:
+    """Everything a stage's build function may use."""
+
+    settings: Any
+    """The stage's own settings section (a pydantic model)."""
+    out: Path
+    """Empty directory to write the artifact into."""
+    upstream: dict[str, Manifest]
+    """Upstream stage name → its manifest (`.dir` is the artifact directory)."""
+    fingerprint: dict[str, Any]
+    """Extra key material the stage resolved at plan time (pinned revision, source stat…)."""
+    meta: dict[str, Any]
+    """Facts to record in the manifest (must be deterministic for the same inputs)."""
+    log: logging.Logger
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str
+    """Bump when the stage's code changes its output: every key of the stage changes."""
+    settings: Callable[[PipelineSettings], BaseModel]
+    """The settings section that affects this stage's output."""
+    build: Callable[[BuildContext], None]
+    upstream: tuple[str, ...] = ()
+    fingerprint: Callable[[Any], dict[str, Any]] | None = None
+    """Cheap, plan-time key material that settings cannot express (a hub branch's current
+    commit, a local directory's file sizes and mtimes). Raises UserError on bad input."""
+    description: str = ""
+
+
+def key_settings(section: BaseModel) -> dict[str, Any]:
+    """The section as JSON, without fields marked `affects_key=False` (recursively)."""
+    data = section.model_dump(mode="json")
+    for name, info in type(section).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("affects_key") is False:
+            data.pop(name, None)
+        elif isinstance(value := getattr(section, name), BaseModel):
+            data[name] = key_settings(value)
+    return data
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's identity for one settings object: computed before anything runs."""
+
+    stage: str
+    key: str
+    key_material: dict[str, Any]
+    fingerprint: dict[str, Any]
+
+
+def plan_key(stage: Stage, section: BaseModel, upstream_keys: dict[str, str]) -> StagePlan:
+    fingerprint = stage.fingerprint(section) if stage.fingerprint else {}
+    material = {
+        "stage": stage.name,
+        "version": stage.version,
+        "settings": key_settings(section),
+        "fingerprint": fingerprint,
+        "upstream": {u: upstream_keys[u] for u in stage.upstream},
+    }
+    return StagePlan(stage.name, compute_key(material), material, fingerprint)
+
+
+def cache_key(plan: StagePlan, upstream: dict[str, Manifest]) -> str:
+    """Prefect cache key: the artifact key plus the exact content of the upstream artifacts, so a
+    forced upstream rebuild that changed its output changes every downstream cache key. (The flow
+    refreshes a record whose artifact is missing, corrupt or built from other inputs.)"""
+    parts = [plan.key, *(f"{u}={m.content_hash}" for u, m in sorted(upstream.items()))]
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return f"rsft-{plan.stage}-{plan.key}-{digest}"
+
+
+def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[str, Manifest],
+            store: ArtifactStore, force: bool = False, verify: bool = False,
+            log: logging.Logger | None = None) -> Manifest:
+    """Reuse the artifact if it is intact and was built from this exact upstream content;
+    otherwise build and publish it atomically. Idempotent."""
+    log = log or logging.getLogger(f"rsft.{stage.name}")
+    inputs = {u: m.content_hash for u, m in upstream.items()}
+    if not force:
+        existing, why = store.check(stage.name, plan.key, verify=verify)
+        if existing is not None and existing.inputs == inputs:
+            log.info("%s: reusing %s", stage.name, existing.dir)
+            return existing
+        if existing is not None:
+            why = "its upstream artifacts changed"
+        log.info("%s: building %s (%s)", stage.name, store.path(stage.name, plan.key), why)
+    with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version) as build:
+        ctx = BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log)
+        stage.build(ctx)
+    assert build.manifest is not None
+    log.info("%s: published %s (%d files, %.1f MB)", stage.name, build.manifest.dir,
+             len(build.manifest.files), build.manifest.size / 1e6)
+    return build.manifest
+
+
+# -- the thin Prefect wrapper ------------------------------------------------------------------
+STAGE_CACHE = CacheKeyFnPolicy(cache_key_fn=lambda _ctx, params: params["cache_key"])
+
+
+@task(persist_result=True, cache_policy=STAGE_CACHE)
+def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[str, Manifest],
+               workdir: str, cache_key: str, force: bool = False, verify: bool = False) -> Manifest:
+    """One pipeline stage as a Prefect task (the flow names it after the stage). A user mistake
+    fails the task with its one-line message instead of a traceback."""
+    try:
+        return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)), force=force,
+                       verify=verify, log=get_run_logger())
+    except UserError as e:
+        return Failed(message=str(e))
