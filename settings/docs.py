@@ -3,13 +3,17 @@ field docstrings, so the documentation cannot drift from the code."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 from pydantic import BaseModel
 
 from settings.models import PipelineSettings
 
 
 def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    if get_args(annotation) or not hasattr(annotation, "__name__"):
+        return str(annotation).replace("typing.", "").replace("settings.models.", "")
+    return annotation.__name__
 
 
 def _walk(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -30,4 +34,4 @@ def _walk(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def settings_reference() -> str:
-    return "\n".join(_walk(PipelineSettings)).strip() + "\n"
+    return "\n".join(_walk(PipelineSettings)).strip("\n") + "\n"

@@ -73,7 +73,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        given = "" if e["type"] == "missing" else f" = {e.get('input')!r}"
+        given = "" if e["type"] == "missing" or isinstance(e.get("input"), dict) else (
+            f" = {e.get('input')!r}")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (see `rsft settings show --docs` for the valid keys)"

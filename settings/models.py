@@ -31,10 +31,11 @@ class Strict(BaseModel):
 class DownloadSettings(Strict):
     """Stage `download`: fetch the base HF model folder."""
 
-    source: str = "builtin:tiny-qwen2"
+    source: str = not_in_key(default="builtin:tiny-qwen2")
     """Where the model comes from: `hf://org/name@revision` (Hugging Face Hub; a branch or tag is
     resolved to its commit and pinned), a local HF model directory, or `builtin:tiny-qwen2` (a
-    deterministic random-weight Qwen2 shaped like DeepSeek-R1-Distill-Qwen-1.5B, real tokenizer)."""
+    deterministic random-weight Qwen2 shaped like DeepSeek-R1-Distill-Qwen-1.5B, real tokenizer).
+    The artifact key follows what the source resolves to (commit, file stats), not its spelling."""
 
     allow_pickle: bool = False
     """Accept pickle weights (`*.bin`, `*.pt`, `*.pth`). They can run code when loaded, so only
@@ -165,9 +166,12 @@ class TrainSettings(Strict):
     """Linear warm-up steps."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam β1."""
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    """Adam β2."""
+    adam_eps: float = Field(default=1e-8, gt=0)
+    """Adam ε."""
     weight_decay: float = Field(default=0.1, ge=0)
     """Decoupled weight decay (not applied to biases and norms)."""
     clip_grad: float = Field(default=1.0, ge=0)

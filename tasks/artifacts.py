@@ -175,8 +175,9 @@ class ArtifactStore:
             self._replace(tmp, final)
             self._write_manifest(final, manifest)
             build.manifest = manifest
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except Exception as e:
+            # Writers other than Python's own (safetensors, torch) report ENOSPC in their text.
+            if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
                 raise UserError(
                     f"disk full while publishing {stage}/{key} under {self.root}: free space "
                     "there (or set workdir to a larger disk) and rerun; nothing was published"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -52,6 +51,12 @@ def hf_token(settings: DownloadSettings) -> str | None:
         ) from None
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def resolve_revision(repo: str, revision: str, token: str | None) -> str:
     """A branch/tag → its current commit (offline: from the local cache's refs)."""
     from huggingface_hub import HfApi, snapshot_download
@@ -60,7 +65,7 @@ def resolve_revision(repo: str, revision: str, token: str | None) -> str:
     if COMMIT.match(revision):
         return revision
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        if hub_offline():
             return Path(snapshot_download(repo, revision=revision, local_files_only=True)).name
         return HfApi(token=token).model_info(repo, revision=revision).sha
     except hf_errors.GatedRepoError:
@@ -97,7 +102,7 @@ def fingerprint(settings: DownloadSettings) -> dict[str, Any]:
         repo, revision = m["repo"], m["revision"] or "main"
         return {"repo": repo, "commit": resolve_revision(repo, revision, hf_token(settings))}
     root = local_dir(settings.source)
-    return {"files": sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+    return {"dir": str(root), "files": sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                             for p in root.rglob("*") if p.is_file())}
 
 
@@ -134,7 +139,7 @@ def download_hub(repo: str, commit: str, allow_pickle: bool, token: str | None) 
     from huggingface_hub import snapshot_download
 
     patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    offline = hub_offline()
     path = snapshot_download(repo, revision=commit, allow_patterns=patterns,
                              ignore_patterns=SKIP_DIRS, token=token, local_files_only=offline)
     snapshot = Path(path)

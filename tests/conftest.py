@@ -1,0 +1,66 @@
+"""Shared fixtures: real assets, a real Prefect API for the session, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = ROOT.parent / "shared" / "assets"
+R1_TOKENIZER = ROOT / "examples" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One real (temporary) Prefect API server for all in-process flow runs of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def r1_tokenizer_dir(tmp_path: Path) -> Path:
+    """A writable copy of the real DeepSeek-R1-Distill-Qwen tokenizer files."""
+    out = tmp_path / "tokenizer"
+    shutil.copytree(R1_TOKENIZER, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The built-in tiny Qwen2 as a plain HF folder (read-only for tests: copy before editing)."""
+    from tasks.builtin_models import build_builtin
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    build_builtin("tiny-qwen2", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for `rsft` subprocesses: their own Prefect home (database migrated once)."""
+    env = dict(os.environ)
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def rsft(*args: str, cwd: Path, env: dict[str, str], timeout: int = 300,
+         check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rsft {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,111 @@
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from settings.errors import UserError
+from tasks.artifacts import MANIFEST, ArtifactStore, compute_key
+
+
+def publish(store: ArtifactStore, key="k1", files=None, meta=None, inputs=None):
+    with store.publish("stage", key, {"m": 1}, inputs or {}, "1") as build:
+        for rel, data in (files or {"a.txt": b"hello", "sub/b.bin": b"\x00" * 100}).items():
+            (build.out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (build.out / rel).write_bytes(data)
+        build.meta.update(meta or {})
+    return build.manifest
+
+
+def test_publish_writes_manifest_last_with_sizes_and_hashes(tmp_path: Path):
+    store = ArtifactStore(tmp_path)
+    m = publish(store)
+    final = store.path("stage", "k1")
+    on_disk = json.loads((final / MANIFEST).read_text())
+    assert {f["path"]: f["size"] for f in on_disk["files"]} == {"a.txt": 5, "sub/b.bin": 100}
+    assert all(len(f["sha256"]) == 64 for f in on_disk["files"])
+    assert store.check("stage", "k1", verify=True)[0].content_hash == m.content_hash
+    assert not [p for p in (tmp_path / "artifacts" / "stage").iterdir() if p.name.startswith(".")]
+
+
+def test_failed_build_publishes_nothing_and_keeps_the_old_artifact(tmp_path: Path):
+    store = ArtifactStore(tmp_path)
+    old = publish(store)
+    with pytest.raises(RuntimeError):
+        with store.publish("stage", "k1", {}, {}, "1") as build:
+            (build.out / "a.txt").write_text("half")
+            raise RuntimeError("stage crashed")
+    assert store.check("stage", "k1")[0].content_hash == old.content_hash
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "stage").iterdir()) == ["k1"]
+
+
+def test_check_detects_missing_truncated_and_corrupt(tmp_path: Path):
+    store = ArtifactStore(tmp_path)
+    publish(store)
+    final = store.path("stage", "k1")
+    assert store.check("stage", "k2") == (None, "not built")
+    data = (final / "sub/b.bin").read_bytes()
+    (final / "sub/b.bin").write_bytes(data[:50])
+    assert "has 50 bytes, manifest says 100" in store.check("stage", "k1")[1]
+    (final / "sub/b.bin").write_bytes(b"\x01" * 100)  # same size, other bytes
+    assert store.check("stage", "k1")[0] is not None  # sizes only by default
+    assert "content hash differs" in store.check("stage", "k1", verify=True)[1]
+    (final / "a.txt").unlink()
+    assert store.check("stage", "k1")[1] == "missing file a.txt"
+    (final / MANIFEST).unlink()
+    assert "no manifest" in store.check("stage", "k1")[1]
+    (final / MANIFEST).write_text("{not json")
+    assert "unreadable manifest" in store.check("stage", "k1")[1]
+
+
+def test_content_hash_tracks_content_not_time(tmp_path: Path):
+    a = publish(ArtifactStore(tmp_path / "a"), meta={"x": 1})
+    b = publish(ArtifactStore(tmp_path / "b"), meta={"x": 1})
+    c = publish(ArtifactStore(tmp_path / "c"), files={"a.txt": b"other"}, meta={"x": 1})
+    assert a.content_hash == b.content_hash != c.content_hash
+    assert compute_key({"a": 1, "b": [1, 2]}) == compute_key({"b": [1, 2], "a": 1})
+
+
+def test_stale_temp_dirs_of_dead_builders_are_swept(tmp_path: Path):
+    store = ArtifactStore(tmp_path)
+    stage_dir = tmp_path / "artifacts" / "stage"
+    stage_dir.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = stage_dir / f".tmp-k1-{dead.pid}-{uuid.uuid4().hex[:8]}"
+    live = stage_dir / f".tmp-k1-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "partial").write_text("x")
+    publish(store, key="k2")
+    assert not stale.exists() and live.exists()
+
+
+def test_symlinks_are_refused(tmp_path: Path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError, match="symlink"):
+        with store.publish("stage", "k1", {}, {}, "1") as build:
+            (build.out / "link").symlink_to("/etc/hostname")
+    assert store.check("stage", "k1")[0] is None
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A real 1 MiB filesystem (tmpfs): writes past it fail with ENOSPC."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN) to fill a disk")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_gives_one_line_and_publishes_nothing(full_disk: Path):
+    store = ArtifactStore(full_disk)
+    with pytest.raises(UserError, match=r"disk full while publishing stage/k1 .* nothing was published"):
+        publish(store, files={"big.bin": os.urandom(2 << 20)})
+    assert store.check("stage", "k1")[0] is None
+    assert list((full_disk / "artifacts" / "stage").iterdir()) == []
