@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,12 @@ def builtin_spec(name: str) -> tuple[Path, dict[str, Any], int]:
 
 
 def builtin_fingerprint(name: str) -> dict[str, Any]:
-    """The shipped files and the libraries that generate the weights decide the output."""
-    import torch
-    import transformers
-
+    """The shipped files and the libraries that generate the weights decide the output (versions
+    read from package metadata: importing torch here would cost seconds on every cached run)."""
     folder, overrides, seed = builtin_spec(name)
     files = {f: sha256_file(folder / f)[:16] for f in ("config.json", *TOKENIZER_FILES)}
     return {"builtin": name, "overrides": overrides, "seed": seed, "files": files,
-            "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+            "torch": version("torch").split("+")[0], "transformers": version("transformers")}
 
 
 def build_builtin(name: str, out: Path) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""`rsft` as a user runs it: separate processes, their own ephemeral Prefect API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, rsft
+from tests.test_download import COMMIT, make_hf_cache
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
+    (["run", "--set", "train.lrr=1"], "train.lrr = 1: unknown setting"),
+    (["run", "--set", "train.lr=fast"], "train.lr = 'fast': Input should be a valid number"),
+    (["run", "--only", "nosuchstage"], "--only nosuchstage: no such stage"),
+    (["run", "--set", "download.source=/no/such/model"], "local model directory /no/such/model does not exist"),
+    (["run", "bad.yaml"], "bad.yaml line 2, column 1: invalid YAML"),
+    (["stages", "missing.yaml"], "settings file missing.yaml does not exist"),
+    (["settings", "show", "--set", "x"], "--set 'x': expected KEY=VALUE"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(tmp_path, cli_env, args, message):
+    (tmp_path / "bad.yaml").write_text("train: [1\n")
+    proc = rsft(*args, cwd=tmp_path, env=cli_env)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "rsft-work" / "artifacts").exists()
+
+
+def test_settings_show_and_stages(tmp_path, cli_env):
+    shown = rsft("settings", "show", "thinkless-warmup-1.5b", "--set", "train.lr=2e-5",
+                 cwd=tmp_path, env=cli_env, check=True).stdout
+    assert "lr: 2.0e-05" in shown and "seq_length: 16384" in shown
+    docs = rsft("settings", "show", "--docs", cwd=tmp_path, env=cli_env, check=True).stdout
+    assert "patch_tokenizer.generation_prompt_suffix" in docs
+    table = rsft("stages", cwd=tmp_path, env={**cli_env, "COLUMNS": "200"}, check=True).stdout
+    assert "download" in table and "patch_tokenizer" in table and "not built" in table
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
+    """Kill -9 `rsft run` while each stage is building; the rerun completes and every artifact
+    matches an uninterrupted run."""
+    work = tmp_path / "work"
+    for stage in ("download", "patch_tokenizer"):
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--set", f"workdir={work}"],
+                                cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        stage_dir = work / "artifacts" / stage
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(stage_dir.glob(".tmp-*")):
+            assert proc.poll() is None, f"rsft ended before {stage} started building"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert list(stage_dir.glob(".tmp-*")), f"never caught {stage} mid-build"
+        assert not list(stage_dir.glob("*/manifest.json"))  # nothing a later run would trust
+    listing = rsft("stages", "--set", f"workdir={work}", cwd=tmp_path,
+                   env={**cli_env, "COLUMNS": "300"}, check=True).stdout
+    assert listing.count("not built") == 1  # download finished in the 2nd run; patch never did
+    rsft("run", "--set", f"workdir={work}", cwd=tmp_path, env=cli_env, check=True)
+    assert not list(work.glob("artifacts/*/.tmp-*"))  # the dead builders' leftovers are swept
+    # The uninterrupted run, from a copy of the project with no ../shared beside it.
+    repo = tmp_path / "isolated" / "reasoning-sft"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / rel, repo / rel)
+    assert not (repo.parent.parent / "shared").exists()
+    rsft("run", cwd=repo, env={**cli_env, "PYTHONPATH": str(repo)}, check=True)
+    clean = repo / "rsft-work"
+    for stage in ("download", "patch_tokenizer"):
+        a = next((work / "artifacts" / stage).glob("*/manifest.json")).read_text()
+        b = next((clean / "artifacts" / stage).glob("*/manifest.json")).read_text()
+        assert json.loads(a)["content_hash"] == json.loads(b)["content_hash"]
+        assert json.loads(b)["path"].startswith(str(repo))
+
+
+@pytest.mark.slow
+def test_hub_download_offline_through_the_cli(tmp_path, cli_env, tiny_model_dir):
+    cache = tmp_path / "hf-cache"
+    make_hf_cache(cache, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", tiny_model_dir)
+    env = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "COLUMNS": "300"}
+    args = ["--set", "download.source=hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B@main",
+            "--set", f"workdir={tmp_path / 'work'}"]
+    proc = rsft("run", *args, cwd=tmp_path, env=env, check=True)
+    assert "Cached" not in proc.stdout + proc.stderr
+    manifest = next((tmp_path / "work/artifacts/download").glob("*/manifest.json")).read_text()
+    assert COMMIT in manifest
+    again = rsft("run", *args, cwd=tmp_path, env=env, check=True)
+    assert (again.stdout + again.stderr).count("Finished in state Cached") == 2
