@@ -25,13 +25,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 
 from settings.errors import UserError
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16
 _CHUNK = 1 << 20
+PROGRESS_MIN_BYTES = 256 << 20
 
 
 class FileEntry(BaseModel):
@@ -90,6 +93,21 @@ def content_hash(files: list[FileEntry], meta: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(material)).hexdigest()
 
 
+def progress(total_bytes: int, desc: str) -> tqdm:
+    """A byte progress bar, shown only for work big enough to wait for."""
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True,
+                disable=total_bytes < PROGRESS_MIN_BYTES, leave=False)
+
+
+def ensure_free_space(path: Path, needed: int, what: str) -> None:
+    """Fail before writing `needed` bytes under `path` if the disk cannot hold them."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed * 1.02 + (64 << 20):
+        raise UserError(f"not enough disk space for {what}: needs {needed / 1e9:.2f} GB, "
+                        f"{free / 1e9:.2f} GB free under {path}; free space or move workdir")
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -116,6 +134,12 @@ class ArtifactStore:
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        """Serialises builders of one artifact across processes. An OS lock (flock): a killed
+        holder releases it, so a crash never blocks the rerun."""
+        (self.root / stage).mkdir(parents=True, exist_ok=True)
+        return FileLock(self.root / stage / f".lock-{key}")
 
     # -- reading ---------------------------------------------------------------------------
     def check(self, stage: str, key: str, verify: bool = False) -> tuple[Manifest | None, str]:
@@ -190,12 +214,16 @@ class ArtifactStore:
     def _seal(tmp: Path) -> list[FileEntry]:
         """Hash and fsync every file; refuse links that point outside the artifact."""
         entries = []
-        for file in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
-            rel = file.relative_to(tmp).as_posix()
-            if file.is_symlink():
-                raise RuntimeError(f"artifact file {rel} is a symlink; stages must write real files")
-            _fsync_path(file)
-            entries.append(FileEntry(path=rel, size=file.stat().st_size, sha256=sha256_file(file)))
+        files = sorted(p for p in tmp.rglob("*") if not p.is_dir())
+        if links := [f.relative_to(tmp).as_posix() for f in files if f.is_symlink()]:
+            raise RuntimeError(f"artifact file {links[0]} is a symlink; stages must write real files")
+        with progress(sum(f.stat().st_size for f in files), "hashing artifact") as bar:
+            for file in files:
+                _fsync_path(file)
+                size = file.stat().st_size
+                entries.append(FileEntry(path=file.relative_to(tmp).as_posix(), size=size,
+                                         sha256=sha256_file(file)))
+                bar.update(size)
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             _fsync_path(d)
         return entries
@@ -224,6 +252,8 @@ class ArtifactStore:
     def _sweep_stale(stage_dir: Path) -> None:
         """Remove temp/trash dirs left by killed processes (never those of a live builder)."""
         for d in stage_dir.glob(".*-*"):
+            if d.name.startswith(".lock-"):
+                continue
             if d.name.startswith(".tmp-"):
                 try:
                     pid = int(d.name.split("-")[2])

@@ -18,6 +18,7 @@ from typing import Any
 
 from settings.errors import UserError
 from settings.models import HF_SOURCE, DownloadSettings
+from tasks.artifacts import ensure_free_space, progress
 from tasks.builtin_models import build_builtin, builtin_fingerprint
 from tasks.stage import BuildContext, Stage
 
@@ -129,10 +130,14 @@ def select_files(root: Path, allow_pickle: bool, source: str) -> list[str]:
 
 
 def copy_files(root: Path, files: list[str], out: Path) -> None:
-    for rel in files:
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / rel, dest)  # follows the HF cache's symlinks to the blobs
+    needed = sum((root / rel).stat().st_size for rel in files)
+    ensure_free_space(out, needed, f"the model files from {root}")
+    with progress(needed, "copying model files") as bar:
+        for rel in files:
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, dest)  # follows the HF cache's symlinks to the blobs
+            bar.update(dest.stat().st_size)
 
 
 def download_hub(repo: str, commit: str, allow_pickle: bool, token: str | None) -> Path:

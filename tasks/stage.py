@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import Timeout
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.logging import get_run_logger
@@ -109,17 +110,25 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
     otherwise build and publish it atomically. Idempotent."""
     log = log or logging.getLogger(f"rsft.{stage.name}")
     inputs = {u: m.content_hash for u, m in upstream.items()}
-    if not force:
-        existing, why = store.check(stage.name, plan.key, verify=verify)
-        if existing is not None and existing.inputs == inputs:
-            log.info("%s: reusing %s", stage.name, existing.dir)
-            return existing
-        if existing is not None:
-            why = "its upstream artifacts changed"
-        log.info("%s: building %s (%s)", stage.name, store.path(stage.name, plan.key), why)
-    with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version) as build:
-        ctx = BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log)
-        stage.build(ctx)
+    lock = store.lock(stage.name, plan.key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another run is building %s; waiting for it", stage.name, plan.key)
+        lock.acquire()
+    try:
+        if not force:  # checked under the lock: a concurrent run may just have published it
+            existing, why = store.check(stage.name, plan.key, verify=verify)
+            if existing is not None and existing.inputs == inputs:
+                log.info("%s: reusing %s", stage.name, existing.dir)
+                return existing
+            if existing is not None:
+                why = "its upstream artifacts changed"
+            log.info("%s: building %s (%s)", stage.name, store.path(stage.name, plan.key), why)
+        with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version) as build:
+            stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log))
+    finally:
+        lock.release()
     assert build.manifest is not None
     log.info("%s: published %s (%d files, %.1f MB)", stage.name, build.manifest.dir,
              len(build.manifest.files), build.manifest.size / 1e6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 R1_TOKENIZER = ROOT / "examples" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -64,3 +66,41 @@ def rsft(*args: str, cwd: Path, env: dict[str, str], timeout: int = 300,
         raise AssertionError(f"rsft {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A real 1 MiB filesystem (tmpfs): writes past it fail with ENOSPC."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN) to fill a disk")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def make_hf_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT,
+                  names: list[str] | None = None) -> None:
+    """The layout huggingface_hub writes: blobs by hash, snapshots of symlinks, refs/main."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for name in names or sorted(p.name for p in source.iterdir()):
+        data = (source / name).read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache

@@ -1,13 +1,21 @@
 import json
 import os
 import subprocess
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from settings.errors import UserError
 from tasks.artifacts import MANIFEST, ArtifactStore, compute_key
+from tasks.stage import Stage, execute, plan_key
+
+
+class StageSettings(BaseModel):
+    size: int = 1
 
 
 def publish(store: ArtifactStore, key="k1", files=None, meta=None, inputs=None):
@@ -91,21 +99,28 @@ def test_symlinks_are_refused(tmp_path: Path):
     assert store.check("stage", "k1")[0] is None
 
 
-@pytest.fixture
-def full_disk(tmp_path: Path):
-    """A real 1 MiB filesystem (tmpfs): writes past it fail with ENOSPC."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN) to fill a disk")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
-
-
 def test_full_disk_gives_one_line_and_publishes_nothing(full_disk: Path):
     store = ArtifactStore(full_disk)
     with pytest.raises(UserError, match=r"disk full while publishing stage/k1 .* nothing was published"):
         publish(store, files={"big.bin": os.urandom(2 << 20)})
     assert store.check("stage", "k1")[0] is None
     assert list((full_disk / "artifacts" / "stage").iterdir()) == []
+
+
+def test_concurrent_builders_of_one_artifact_build_it_once(tmp_path: Path):
+    """Two runs reaching the same stage key at once: one builds, the other waits and reuses."""
+    calls = []
+
+    def slow_build(ctx):
+        calls.append(1)
+        time.sleep(1.0)
+        (ctx.out / "x.txt").write_text("built")
+
+    stage = Stage(name="slow", version="1", settings=lambda s: s, build=slow_build)
+    section = StageSettings()
+    plan = plan_key(stage, section, {})
+    store = ArtifactStore(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: execute(stage, section, plan, {}, store), range(2)))
+    assert len(calls) == 1
+    assert results[0].content_hash == results[1].content_hash

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, rsft
-from tests.test_download import COMMIT, make_hf_cache
+from tests.conftest import COMMIT, ROOT, make_hf_cache, rsft
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,9 +3,7 @@ huggingface_hub cache layout)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,40 +17,12 @@ from tasks import download
 from tasks.artifacts import ArtifactStore, sha256_file
 from tasks.builtin_models import build_builtin
 from tasks.stage import execute, plan_key
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
+from tests.conftest import COMMIT, make_hf_cache
 
 def run_download(tmp_path: Path, **settings) -> "download.Manifest":
     section = DownloadSettings(**settings)
     plan = plan_key(download.STAGE, section, {})
     return execute(download.STAGE, section, plan, {}, ArtifactStore(tmp_path / "work"))
-
-
-def make_hf_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT,
-                  names: list[str] | None = None) -> None:
-    """The layout huggingface_hub writes: blobs by hash, snapshots of symlinks, refs/main."""
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo_dir / "blobs").mkdir()
-    for name in names or sorted(p.name for p in source.iterdir()):
-        data = (source / name).read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def test_builtin_is_deterministic_and_loads_with_transformers(tmp_path, tiny_model_dir):
@@ -117,7 +87,7 @@ def test_bad_local_sources_fail_clearly_and_publish_nothing(tmp_path, case, mess
         (src / "config.json").write_text("{}")
     with pytest.raises(UserError, match=message):
         run_download(tmp_path, source=str(src))
-    assert not list((tmp_path / "work").glob("artifacts/download/*"))
+    assert not list((tmp_path / "work").glob("artifacts/download/[!.]*"))
 
 
 def test_builtin_unknown_name():
@@ -146,3 +116,11 @@ def test_hub_source_offline_errors(tmp_path, tiny_model_dir, offline_hub):
     make_hf_cache(offline_hub, "tiny-org/pickled", pickled)
     with pytest.raises(UserError, match="only pickle weights"):
         run_download(tmp_path, source="hf://tiny-org/pickled")
+
+
+def test_full_disk_is_refused_before_copying(tiny_model_dir, full_disk):
+    section = DownloadSettings(source=str(tiny_model_dir))
+    plan = plan_key(download.STAGE, section, {})
+    with pytest.raises(UserError, match=r"not enough disk space for the model files .* GB free"):
+        execute(download.STAGE, section, plan, {}, ArtifactStore(full_disk))
+    assert not list(full_disk.glob("artifacts/download/[!.]*"))

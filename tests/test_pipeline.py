@@ -13,6 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import sft_pipeline
 from settings import load_settings
+from tests.conftest import make_hf_cache
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -125,4 +126,29 @@ def test_unpatchable_tokenizer_fails_in_one_line_and_publishes_nothing(tmp_path,
     assert state.is_failed() and states["patch_tokenizer"] == "Failed"
     assert "token 151650 in tokenizer.json is '<|something|>'" in state.message
     assert "\n" not in state.message
-    assert not list((tmp_path / "work" / "artifacts" / "patch_tokenizer").iterdir())
+    assert not list((tmp_path / "work" / "artifacts" / "patch_tokenizer").glob("[!.]*"))
+
+
+def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_model_dir,
+                                                                   offline_hub, caplog):
+    from prefect.blocks.system import Secret
+
+    from settings.errors import UserError
+    from settings.models import DownloadSettings
+    from tasks.download import hf_token
+
+    token = "hf_rsftTestTokenThatMustNotLeak"
+    Secret(value=token).save("rsft-test-hf-token", overwrite=True)
+    assert hf_token(DownloadSettings(hf_token_secret="rsft-test-hf-token")) == token
+    with pytest.raises(UserError, match="no Prefect Secret block named 'absent'"):
+        hf_token(DownloadSettings(hf_token_secret="absent"))
+    make_hf_cache(offline_hub, "tiny-org/tiny-qwen2", tiny_model_dir)
+    source = "download.source=hf://tiny-org/tiny-qwen2@main"
+    with_secret, states, _ = run(tmp_path, source, "download.hf_token_secret=rsft-test-hf-token")
+    assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
+    _, states, _ = run(tmp_path, source)  # the token does not change what is downloaded
+    assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
+    assert token not in caplog.text
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert token.encode() not in f.read_bytes(), f
