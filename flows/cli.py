@@ -62,8 +62,10 @@ def run(
     state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
                          force=force, verify=verify, return_state=True)
     if state.is_failed():
-        fail(state.message or "the pipeline failed (see the log above)",
-             code=2 if "encountered an exception" not in (state.message or "") else 1)
+        # A user mistake fails the flow with its one-line message (exit 2); anything else is a
+        # bug whose traceback Prefect has already logged (exit 1).
+        bug = isinstance(state.result(raise_on_failure=False), BaseException)
+        fail(state.message or "the pipeline failed (see the log above)", code=1 if bug else 2)
     manifests = state.result()
     table = Table(title=f"{settings.name}: artifacts")
     for col in ("stage", "key", "size", "path"):

@@ -127,7 +127,10 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
                     verify=verify)
         state = task(**args, return_state=True)
         if state.is_failed():
-            raise UserError(f"{p.name}: {state.message}")
+            if isinstance(error := state.result(raise_on_failure=False), BaseException):
+                raise error  # a bug, not a user mistake: fail with its traceback
+            message = state.message or "failed"
+            raise UserError(message if message.startswith(p.name) else f"{p.name}: {message}")
         manifest = state.result()
         if state.name == "Cached" and (existing is None or manifest.content_hash != existing.content_hash):
             log.warning("%s: cache record disagrees with the artifact on disk; rebuilding", p.name)

@@ -36,6 +36,23 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path, cli_env, args, messag
     assert not (tmp_path / "rsft-work" / "artifacts").exists()
 
 
+def test_unpatchable_tokenizer_exits_2_without_traceback(tmp_path, cli_env, tiny_model_dir):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, src)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    next(t for t in tj["added_tokens"] if t["id"] == 151650)["content"] = "<|other|>"
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    proc = rsft("run", "--set", f"download.source={src}", cwd=tmp_path, env=cli_env)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: patch_tokenizer: token 151650 in tokenizer.json is "
+                      "'<|other|>', expected '<|quad_start|>' (to patch) or '<short>' (already "
+                      "patched): this is not the tokenizer the renames were written for; fix "
+                      "patch_tokenizer.renames or download.source"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not list((tmp_path / "rsft-work/artifacts/patch_tokenizer").glob("[!.]*"))
+
+
 def test_settings_show_and_stages(tmp_path, cli_env):
     shown = rsft("settings", "show", "thinkless-warmup-1.5b", "--set", "train.lr=2e-5",
                  cwd=tmp_path, env=cli_env, check=True).stdout
