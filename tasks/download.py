@@ -81,6 +81,19 @@ def resolve_revision(repo: str, revision: str, token: str | None) -> str:
         raise UserError(f"download.source: hf://{repo}@{revision} is not in the local Hugging Face "
                         "cache and the Hub is offline; download it once online or unset "
                         "HF_HUB_OFFLINE") from None
+    except Exception as e:
+        if not is_network_error(e):
+            raise
+        raise UserError(f"download.source: cannot reach the Hugging Face Hub to resolve "
+                        f"hf://{repo}@{revision} ({type(e).__name__}: {e}); check the network, pin "
+                        "a commit, or set HF_HUB_OFFLINE=1 to use the local cache") from None
+
+
+def is_network_error(e: BaseException) -> bool:
+    """Connection failures from whichever HTTP stack huggingface_hub uses."""
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, (ConnectionError, TimeoutError)) or module in {
+        "httpx", "httpx2", "httpcore", "requests", "urllib3"}
 
 
 def local_dir(source: str) -> Path:

@@ -124,3 +124,13 @@ def test_full_disk_is_refused_before_copying(tiny_model_dir, full_disk):
     with pytest.raises(UserError, match=r"not enough disk space for the model files .* GB free"):
         execute(download.STAGE, section, plan, {}, ArtifactStore(full_disk))
     assert not list(full_disk.glob("artifacts/download/[!.]*"))
+
+
+def test_unreachable_hub_is_one_clear_error(monkeypatch):
+    """A closed loopback port stands in for a machine without network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub .* HF_HUB_OFFLINE=1"):
+        plan_key(download.STAGE, DownloadSettings(source="hf://org/model@main"), {})
