@@ -55,7 +55,7 @@ def status_table(settings: PipelineSettings, planned: list[PlannedStage],
     for p in planned:
         manifest, why = store.check(p.name, p.plan.key, verify=verify)
         rows.append({
-            "stage": p.name, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
+            "stage": p.name, "what": BY_NAME[p.name].description, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
             "size": f"{manifest.size / 1e6:.1f} MB" if manifest else "-",
             "path": str(store.path(p.name, p.plan.key)),
         })

@@ -168,9 +168,6 @@ class ArtifactStore:
         manifest.path = str(final)  # the workdir may have moved since it was written
         return manifest, "ok"
 
-    def load(self, stage: str, key: str, verify: bool = False) -> Manifest | None:
-        return self.check(stage, key, verify)[0]
-
     # -- writing ---------------------------------------------------------------------------
     @contextmanager
     def publish(self, stage: str, key: str, key_material: dict[str, Any],
