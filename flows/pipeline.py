@@ -132,10 +132,14 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
             message = state.message or "failed"
             raise UserError(message if message.startswith(p.name) else f"{p.name}: {message}")
         manifest = state.result()
-        if state.name == "Cached" and (existing is None or manifest.content_hash != existing.content_hash):
-            log.warning("%s: cache record disagrees with the artifact on disk; rebuilding", p.name)
-            state = task.with_options(refresh_cache=True)(**args, return_state=True)
-            manifest = state.result()
+        if state.name == "Cached":  # refresh_cache was off, so `existing` is an intact artifact
+            if manifest.content_hash == existing.content_hash:
+                manifest = existing  # the disk's manifest: right even if the workdir moved
+            else:
+                log.warning("%s: cache record disagrees with the artifact on disk; refreshing",
+                            p.name)
+                state = task.with_options(refresh_cache=True)(**args, return_state=True)
+                manifest = state.result()
         manifests[p.name] = manifest
         status[p.name] = state.name
     _summary_artifact(manifests, status)

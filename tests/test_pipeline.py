@@ -152,3 +152,12 @@ def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert token.encode() not in f.read_bytes(), f
+
+
+def test_a_moved_workdir_stays_cached_with_correct_paths(tmp_path):
+    run(tmp_path / "before")
+    (tmp_path / "before").rename(tmp_path / "after")
+    state, states, _ = run(tmp_path / "after")
+    assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
+    for manifest in state.result().values():
+        assert manifest.path.startswith(str(tmp_path / "after")) and manifest.dir.is_dir()
