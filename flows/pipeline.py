@@ -123,7 +123,7 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
             result_storage=workdir / "prefect" / "results",
         )
         args = dict(stage=stage, section=stage.settings(settings), plan=p.plan, upstream=upstream,
-                    workdir=str(workdir), cache_key=cache_key(p.plan, upstream), force=force,
+                    workdir=str(workdir), cache_key=cache_key(p.plan, upstream, workdir), force=force,
                     verify=verify)
         state = task(**args, return_state=True)
         if state.is_failed():

@@ -94,11 +94,12 @@ def plan_key(stage: Stage, section: BaseModel, upstream_keys: dict[str, str]) ->
     return StagePlan(stage.name, compute_key(material), material, fingerprint)
 
 
-def cache_key(plan: StagePlan, upstream: dict[str, Manifest]) -> str:
+def cache_key(plan: StagePlan, upstream: dict[str, Manifest], workdir: Path) -> str:
     """Prefect cache key: the artifact key plus the exact content of the upstream artifacts, so a
-    forced upstream rebuild that changed its output changes every downstream cache key. (The flow
+    forced upstream rebuild that changed its output changes every downstream cache key. The
+    workdir is part of it because Prefect's records hold absolute paths into it. (The flow
     refreshes a record whose artifact is missing, corrupt or built from other inputs.)"""
-    parts = [plan.key, *(f"{u}={m.content_hash}" for u, m in sorted(upstream.items()))]
+    parts = [str(workdir), plan.key, *(f"{u}={m.content_hash}" for u, m in sorted(upstream.items()))]
     digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
     return f"rsft-{plan.stage}-{plan.key}-{digest}"
 

@@ -154,10 +154,13 @@ def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_
             assert token.encode() not in f.read_bytes(), f
 
 
-def test_a_moved_workdir_stays_cached_with_correct_paths(tmp_path):
-    run(tmp_path / "before")
+def test_a_moved_workdir_is_reused_without_rebuilding(tmp_path):
+    built = run(tmp_path / "before")[0].result()
     (tmp_path / "before").rename(tmp_path / "after")
-    state, states, _ = run(tmp_path / "after")
-    assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
-    for manifest in state.result().values():
+    state, states, _ = run(tmp_path / "after")  # new cache records, same artifacts
+    assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
+    for name, manifest in state.result().items():
+        assert manifest.created_unix == built[name].created_unix  # reused, not rebuilt
         assert manifest.path.startswith(str(tmp_path / "after")) and manifest.dir.is_dir()
+    _, states, _ = run(tmp_path / "after")
+    assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
