@@ -130,3 +130,77 @@ def hf_tensors_from_model(model, arch: Architecture, geo: Geometry, tied: bool,
 
 __all__ = ["ConversionError", "HFWeights", "Kind", "hf_tensors_from_model", "load_hf_into_model",
            "param_rows"]
+
+
+# -- whole-checkpoint operations ----------------------------------------------------------------
+def hf_to_mcore(hf_dir: Path, out: Path, tp: int, pp: int, dtype: str = "source") -> dict[str, Any]:
+    """Collective (all ranks of a TP×PP world): convert an HF folder to a torch_dist checkpoint."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_bridge import checkpoint
+    from megatron_bridge.build import DTYPES, build_model, check_layout, geometry, hf_dtype, read_hf_config
+    from megatron_bridge.models import architecture_for
+    from megatron_bridge.parallel import model_parallel
+
+    hf = read_hf_config(hf_dir)
+    arch = architecture_for(hf)
+    check_layout(hf, tp, pp)
+    weights = HFWeights(hf_dir)
+    torch_dtype = hf_dtype(hf) if dtype == "source" else DTYPES[dtype]
+    tied = bool(hf.get("tie_word_embeddings", False))
+    with model_parallel(tp, pp):
+        model = build_model(hf, tp, pp, torch_dtype)
+        geo = geometry(hf, tp)
+        load_hf_into_model(model, arch, weights, geo, ps.get_tensor_model_parallel_rank(), tied)
+        metadata = {"architecture": arch.name, "hf_config": hf, "vocab_size": geo.vocab_size,
+                    "padded_vocab_size": geo.padded_vocab_size, "dtype": str(torch_dtype).split(".")[-1],
+                    "tensor_parallel": tp, "pipeline_parallel": pp}
+        checkpoint.save(model, out, "release", metadata)
+    return metadata
+
+
+def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
+                max_shard_bytes: int = 5 * 1024**3) -> dict[str, Any]:
+    """Load any TP/PP checkpoint at TP1/PP1 (dist_checkpointing reshards), unpad the vocab and
+    write safetensors (sharded with an index when large), config.json and tokenizer files."""
+    import shutil
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from megatron_bridge import checkpoint
+    from megatron_bridge.build import DTYPES, build_model, geometry
+    from megatron_bridge.models import architecture_for
+    from megatron_bridge.parallel import model_parallel
+
+    meta = checkpoint.read_metadata(mcore_dir)
+    hf = dict(meta["hf_config"])
+    if hf_base is not None:
+        base = json.loads((Path(hf_base) / "config.json").read_text())
+        keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "intermediate_size")
+        if diff := [k for k in keys if base.get(k) != hf.get(k)]:
+            raise ConversionError(f"--hf-base {hf_base} is a different model ({', '.join(diff)} "
+                                  "differ from the checkpoint's source config)")
+    arch = architecture_for(hf)
+    dtype = DTYPES[meta["dtype"]]
+    tied = bool(hf.get("tie_word_embeddings", False))
+    with model_parallel(1, 1):
+        model = build_model(hf, 1, 1, dtype)
+        checkpoint.load(model, mcore_dir)
+        tensors = hf_tensors_from_model(model, arch, geometry(hf, 1), tied)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, out / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    if hf_base is not None:
+        for f in Path(hf_base).iterdir():
+            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template",
+                                                    "generation_config", "vocab", "merges"))):
+                shutil.copyfile(f, out / f.name)
+    return {"tensors": len(tensors), "shards": len(split.filename_to_tensors)}

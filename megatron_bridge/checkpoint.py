@@ -1,0 +1,80 @@
+"""Megatron `torch_dist` checkpoints: save/load through `dist_checkpointing` (any TP/PP layout
+loads at any other), Megatron-LM's tracker file, and our small metadata file.
+
+Layout (as Megatron-LM writes it):
+    <dir>/latest_checkpointed_iteration.txt     "release" for converted models, else the iteration
+    <dir>/release/ or <dir>/iter_0000100/       the torch_dist shards (+ .metadata, common.pt)
+    <dir>/rsft_checkpoint.json                  source HF config, true vocab, dtype, TP/PP, mapping
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "rsft_checkpoint.json"
+MAPPING_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def iteration_dir(root: Path, iteration: int | str) -> Path:
+    return Path(root) / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+
+
+def read_tracker(root: Path) -> str:
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        raise CheckpointError(f"{root} is not a Megatron checkpoint (no {TRACKER})")
+    value = tracker.read_text().strip()
+    if value != "release" and not value.isdigit():
+        raise CheckpointError(f"{tracker} holds {value!r}, expected an iteration or 'release'")
+    return value
+
+
+def read_metadata(root: Path) -> dict[str, Any]:
+    path = Path(root) / METADATA
+    if not path.is_file():
+        raise CheckpointError(f"{root} has no {METADATA}; it was not written by rsft convert (convert "
+                              "it again with `rsft convert hf2mcore`)")
+    return json.loads(path.read_text())
+
+
+def save(model, root: Path, iteration: int | str, metadata: dict[str, Any]) -> Path:
+    """Collective over all ranks: write the model's shards, then (rank 0) metadata and tracker.
+    The tracker is written last, so a partly written checkpoint is never the latest."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    target = iteration_dir(root, iteration)
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(target))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / METADATA).write_text(json.dumps(
+            {**metadata, "mapping_version": MAPPING_VERSION}, indent=2))
+        (root / TRACKER).write_text(str(iteration))
+    dist.barrier()
+    return target
+
+
+def load(model, root: Path) -> None:
+    """Collective: load the latest checkpoint into this rank's model, whatever layout it was
+    saved with (dist_checkpointing reshards)."""
+    from megatron.core import dist_checkpointing
+
+    target = iteration_dir(root, read_tracker(root))
+    if not target.is_dir():
+        raise CheckpointError(f"{root}: the tracker points to {target.name}, which does not exist")
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(target))
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"{root}: checkpoint lacks {missing[:3]}…; it is not this model")
