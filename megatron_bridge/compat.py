@@ -8,6 +8,8 @@ Applied by `apply_cpu_shims()` only when CUDA is unavailable, never on a GPU. Wh
    `get_cuda_rng_tracker().fork()` (attention dropout, TP weight init) runs and stays seeded per
    tensor-parallel rank, as on GPU.
 3. `torch.cuda.synchronize()` (called around checkpoint saves) is a no-op.
+4. `Tensor.cuda()` returns the tensor unchanged (megatron moves the tied embedding to CUDA before
+   all-reducing it between the first and last pipeline stages).
 
 Callers also pass an explicit attention mask (megatron's default causal mask is built on CUDA).
 """
@@ -59,6 +61,7 @@ def apply_cpu_shims() -> bool:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _APPLIED = True
