@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -17,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="reasoning-sft: Prefect + Megatron-core SFT pipeline for reasoning LLMs.")
 settings_app = typer.Typer(no_args_is_help=True, help="Inspect settings.")
 app.add_typer(settings_app, name="settings")
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between HF and Megatron.")
+app.add_typer(convert_app, name="convert")
 err = Console(stderr=True)
 
 ConfigArg = Annotated[Optional[str], typer.Argument(
@@ -115,6 +118,78 @@ def settings_show(
         typer.echo(settings_reference())
     else:
         typer.echo(dump_settings(settings), nl=False)
+
+
+def _bridge(args: list[str], nproc: int) -> str:
+    """Run megatron_bridge (torchrun when nproc > 1); a user mistake exits 2 with its line."""
+    from megatron_bridge.launch import BridgeError, run_bridge
+
+    try:
+        return run_bridge(args, nproc)
+    except BridgeError as e:
+        fail(str(e))
+    except RuntimeError as e:
+        fail(str(e), code=1)
+
+
+TpOpt = Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel size.")]
+PpOpt = Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel size.")]
+
+
+@convert_app.command("hf2mcore")
+def hf2mcore(
+    hf: Annotated[Path, typer.Option(help="HF model folder (safetensors + config.json).")],
+    out: Annotated[Path, typer.Option(help="Megatron checkpoint folder to write.")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    dtype: Annotated[str, typer.Option(help="source, float32, bfloat16 or float16.")] = "source",
+) -> None:
+    """HF → Megatron torch_dist checkpoint at TP×PP (runs under torchrun when TP×PP > 1)."""
+    _bridge(["hf2mcore", "--hf", str(hf), "--out", str(out), "--tp", str(tp), "--pp", str(pp),
+             "--dtype", dtype], tp * pp)
+    typer.echo(f"wrote {out}")
+
+
+@convert_app.command("mcore2hf")
+def mcore2hf(
+    mcore: Annotated[Path, typer.Option(help="Megatron checkpoint folder (any TP/PP).")],
+    out: Annotated[Path, typer.Option(help="HF folder to write.")],
+    hf_base: Annotated[Optional[Path], typer.Option(
+        help="HF folder of the source model: its tokenizer files are copied.")] = None,
+) -> None:
+    """Megatron checkpoint (any TP/PP) → HF folder with safetensors and config.json."""
+    _bridge(["mcore2hf", "--mcore", str(mcore), "--out", str(out)]
+            + (["--hf-base", str(hf_base)] if hf_base else []), 1)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("verify")
+def verify_cmd(
+    hf: Annotated[Path, typer.Option(help="HF model folder (with its tokenizer).")],
+    mcore: Annotated[Path, typer.Option(help="Megatron checkpoint folder.")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compare a Megatron checkpoint's logits with transformers' on real-tokenizer prompts."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report_file = Path(tmp) / "verification.json"
+        _bridge(["verify", "--hf", str(hf), "--mcore", str(mcore), "--tp", str(tp), "--pp", str(pp),
+                 "--json", str(report_file)], tp * pp)
+        report = json.loads(report_file.read_text())
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{mcore} vs {hf} (TP={tp}, PP={pp})")
+    for col in ("prompt", "tokens", "max |Δ|", "mean |Δ|", "top-1"):
+        table.add_column(col)
+    for r in report["prompts"]:
+        table.add_row(r["prompt"], str(r["tokens"]), f"{r['max_abs_diff']:.3g}",
+                      f"{r['mean_abs_diff']:.3g}", f"{r['top1_agreement']:.3f}")
+    Console().print(table)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 
@@ -142,6 +142,9 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
                 manifest = state.result()
         manifests[p.name] = manifest
         status[p.name] = state.name
+        if stage.report and (rows := stage.report(manifest)):
+            create_table_artifact(rows, key=f"{p.name.replace('_', '-')}-report",
+                                  description=f"{p.name}: {stage.description}")
     _summary_artifact(manifests, status)
     return manifests
 

@@ -28,10 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
     c.add_argument("--json", type=Path, help="write the report here (and print it)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "checkpoint"],
+                   help="compute dtype of both models: float32 (upcast weights; isolates the "
+                        "conversion from low-precision kernel noise) or the checkpoint's own")
     return p
 
 
-def verify(hf: Path, mcore: Path, tp: int, pp: int) -> dict | None:
+def verify(hf: Path, mcore: Path, tp: int, pp: int, dtype: str = "float32") -> dict | None:
     import torch
 
     from megatron_bridge import checkpoint
@@ -40,10 +43,10 @@ def verify(hf: Path, mcore: Path, tp: int, pp: int) -> dict | None:
     from megatron_bridge.verify import compare
 
     meta = checkpoint.read_metadata(mcore)
+    compute = torch.float32 if dtype == "float32" else DTYPES[meta["dtype"]]
     with model_parallel(tp, pp):
-        model = build_model(meta["hf_config"], tp, pp, DTYPES[meta["dtype"]],
-                            parallel_output=False).eval()
-        checkpoint.load(model, mcore)
+        model = build_model(meta["hf_config"], tp, pp, compute, parallel_output=False).eval()
+        checkpoint.load(model, mcore)  # upcasts a bf16/fp16 checkpoint into the fp32 model
         with torch.no_grad():
             return compare(hf, model, meta["vocab_size"])
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "mcore2hf":
             mcore_to_hf(args.mcore, args.out, args.hf_base)
         else:
-            report = verify(args.hf, args.mcore, args.tp, args.pp)
+            report = verify(args.hf, args.mcore, args.tp, args.pp, args.dtype)
             if report is not None:
                 text = json.dumps(report, indent=2)
                 if args.json:

@@ -105,6 +105,16 @@ class ConvertSettings(Strict):
     """Pipeline-parallel size (must divide the number of layers)."""
     dtype: Literal["source", "bfloat16", "float16", "float32"] = "source"
     """Parameter dtype of the checkpoint; `source` keeps the HF model's dtype."""
+    verify: bool = True
+    """Compare the checkpoint's logits with transformers' on real-tokenizer prompts; the stage
+    fails (and publishes nothing) beyond the tolerances below."""
+    max_abs_diff: float = Field(default=1e-4, gt=0)
+    """Largest |Δlogit| allowed. Both models compute in float32 from the converted weights (a
+    bf16 checkpoint is upcast), so any gap is a conversion error, not low-precision noise."""
+    min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
+    """Smallest share of positions where both pick the same next token."""
+    timeout_minutes: float = not_in_key(default=120, gt=0)
+    """Kill the conversion (all its processes) after this long."""
 
 
 class DatasetSource(Strict):

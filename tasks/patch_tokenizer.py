@@ -19,6 +19,7 @@ from typing import Any
 
 from settings.errors import UserError
 from settings.models import PatchTokenizerSettings
+from tasks.artifacts import Manifest
 from tasks.stage import BuildContext, Stage
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -219,7 +220,12 @@ def build(ctx: BuildContext) -> None:
     ctx.meta.update(changes=changes, checks=checks)
 
 
+def report(manifest: Manifest) -> list[dict[str, str]]:
+    return [{"check": name, "result": detail} for name, detail in manifest.meta["checks"].items()]
+
+
 STAGE = Stage(
     name="patch_tokenizer", version="1", settings=lambda s: s.patch_tokenizer, build=build,
     upstream=("download",), description="tokenizer files with control tokens and chat template",
+    report=report,
 )

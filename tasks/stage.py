@@ -58,6 +58,8 @@ class Stage:
     """Cheap, plan-time key material that settings cannot express (a hub branch's current
     commit, a local directory's file sizes and mtimes). Raises UserError on bad input."""
     description: str = ""
+    report: Callable[[Manifest], list[dict[str, Any]]] | None = None
+    """Rows of a table the flow shows as a Prefect artifact after the stage (e.g. checks)."""
 
 
 def key_settings(section: BaseModel) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
     matches an uninterrupted run."""
     work = tmp_path / "work"
     for stage in ("download", "patch_tokenizer"):
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--set", f"workdir={work}"],
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--set", f"workdir={work}",
+                                 "--until", "patch_tokenizer"],
                                 cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         stage_dir = work / "artifacts" / stage
@@ -83,10 +84,12 @@ def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
         assert not list(stage_dir.glob("*/manifest.json"))  # nothing a later run would trust
     listing = rsft("stages", "--set", f"workdir={work}", cwd=tmp_path,
                    env={**cli_env, "COLUMNS": "300"}, check=True).stdout
-    assert listing.count("not built") == 1  # download finished in the 2nd run; patch never did
-    rsft("run", "--set", f"workdir={work}", cwd=tmp_path, env=cli_env, check=True)
+    assert listing.count("not built") == 2  # download finished in the 2nd run; the rest never did
+    rsft("run", "--set", f"workdir={work}", "--until", "patch_tokenizer", cwd=tmp_path,
+         env=cli_env, check=True)
     assert not list(work.glob("artifacts/*/.tmp-*"))  # the dead builders' leftovers are swept
-    # The uninterrupted run, from a copy of the project with no ../shared beside it.
+    # The uninterrupted run of the whole pipeline, from a copy of the project with no ../shared
+    # beside it.
     repo = tmp_path / "isolated" / "reasoning-sft"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -110,10 +113,28 @@ def test_hub_download_offline_through_the_cli(tmp_path, cli_env, tiny_model_dir)
     make_hf_cache(cache, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", tiny_model_dir)
     env = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "COLUMNS": "300"}
     args = ["--set", "download.source=hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B@main",
-            "--set", f"workdir={tmp_path / 'work'}"]
+            "--set", f"workdir={tmp_path / 'work'}", "--until", "patch_tokenizer"]
     proc = rsft("run", *args, cwd=tmp_path, env=env, check=True)
     assert "Cached" not in proc.stdout + proc.stderr
     manifest = next((tmp_path / "work/artifacts/download").glob("*/manifest.json")).read_text()
     assert COMMIT in manifest
     again = rsft("run", *args, cwd=tmp_path, env=env, check=True)
     assert (again.stdout + again.stderr).count("Finished in state Cached") == 2
+
+
+@pytest.mark.slow
+def test_convert_and_verify_commands(tmp_path, cli_env, tiny_model_dir):
+    bad = rsft("convert", "hf2mcore", "--hf", str(tiny_model_dir), "--out", str(tmp_path / "m"),
+               "--tp", "3", cwd=tmp_path, env=cli_env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: tensor_parallel=3 must divide the 4 attention heads and 2 KV groups; use one of [1, 2]"]
+    rsft("convert", "hf2mcore", "--hf", str(tiny_model_dir), "--out", str(tmp_path / "m"),
+         "--tp", "2", cwd=tmp_path, env=cli_env, check=True)
+    report = json.loads(rsft("verify", "--hf", str(tiny_model_dir), "--mcore", str(tmp_path / "m"),
+                             "--json", cwd=tmp_path, env=cli_env, check=True).stdout)
+    assert report["top1_agreement"] >= 0.99 and len(report["prompts"]) == 3
+    rsft("convert", "mcore2hf", "--mcore", str(tmp_path / "m"), "--out", str(tmp_path / "back"),
+         "--hf-base", str(tiny_model_dir), cwd=tmp_path, env=cli_env, check=True)
+    for f in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "back" / f).read_bytes() == (tiny_model_dir / f).read_bytes()

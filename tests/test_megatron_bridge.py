@@ -89,11 +89,11 @@ def test_tp1_logits_match_transformers_and_round_trip_is_bit_exact(tmp_path, fam
     meta = hf_to_mcore(hf, tmp_path / "mcore", tp=1, pp=1)
     assert meta["dtype"] == str(dtype).split(".")[-1] and meta["vocab_size"] == 151936
     assert (tmp_path / "mcore/latest_checkpointed_iteration.txt").read_text() == "release"
-    report = verify(hf, tmp_path / "mcore", 1, 1)
-    if dtype == torch.float32:
-        assert report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
-    else:  # bf16 kernels differ in summation order: compare loosely
-        assert report["top1_agreement"] >= 0.9, report
+    report = verify(hf, tmp_path / "mcore", 1, 1)  # both sides in fp32 from the same weights
+    assert report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
+    if dtype == torch.bfloat16:  # in the checkpoint's own precision: kernel noise, same answer
+        native = verify(hf, tmp_path / "mcore", 1, 1, dtype="checkpoint")
+        assert native["max_abs_diff"] <= 0.05, native
     mcore_to_hf(tmp_path / "mcore", tmp_path / "back", hf_base=hf)
     assert_bit_exact(hf, tmp_path / "back")
     assert json.loads((tmp_path / "back/config.json").read_text())["vocab_size"] == 151936
@@ -145,10 +145,7 @@ def test_torchrun_layouts_reshard_and_round_trip(tmp_path, family, dtype, tied, 
     torchrun("verify", "--hf", str(hf), "--mcore", str(tmp_path / "mcore"), *loaded,
              "--json", str(tmp_path / "report.json"), cwd=root)
     report = json.loads((tmp_path / "report.json").read_text())
-    if dtype == "float32":
-        assert report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
-    else:
-        assert report["top1_agreement"] >= 0.9, report
+    assert report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
     assert bridge_main(["mcore2hf", "--mcore", str(tmp_path / "mcore"), "--out",
                         str(tmp_path / "back"), "--hf-base", str(hf)]) == 0
     assert_bit_exact(hf, tmp_path / "back")

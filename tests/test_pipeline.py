@@ -19,6 +19,9 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def run(workdir: Path, *overrides: str, **selection):
+    """The pipeline up to patch_tokenizer unless told otherwise (convert has its own tests)."""
+    if not {"until", "only", "from_stage"} & selection.keys():  # until=None: everything
+        selection["until"] = "patch_tokenizer"
     settings = load_settings("tiny", [f"workdir={workdir}", *overrides])
     state = sft_pipeline(settings=settings, return_state=True, **selection)
     with get_client(sync_client=True) as client:
@@ -112,7 +115,7 @@ def test_only_and_from(tmp_path):
     assert states == {"download": "Completed"}
     _, states, _ = run(tmp_path, only=["patch_tokenizer"])
     assert states == {"patch_tokenizer": "Completed"}
-    _, states, _ = run(tmp_path, from_stage="download")
+    _, states, _ = run(tmp_path, from_stage="download", until="patch_tokenizer")
     assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
 
 
@@ -164,3 +167,34 @@ def test_a_moved_workdir_is_reused_without_rebuilding(tmp_path):
         assert manifest.path.startswith(str(tmp_path / "after")) and manifest.dir.is_dir()
     _, states, _ = run(tmp_path / "after")
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
+
+
+@pytest.mark.slow
+def test_convert_stage_verifies_and_reports(tmp_path):
+    state, states, artifacts = run(tmp_path, until=None)  # the whole pipeline
+    assert state.is_completed(), state.message
+    assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed"}
+    assert {"convert-report", "patch-tokenizer-report"} <= artifacts
+    convert = state.result()["convert"]
+    assert convert.inputs == {"download": state.result()["download"].content_hash}
+    assert convert.meta["dtype"] == "bfloat16"  # the source's, kept
+    assert convert.meta["max_abs_diff"] <= 1e-5 and convert.meta["top1_agreement"] == 1.0
+    assert (convert.dir / "latest_checkpointed_iteration.txt").read_text() == "release"
+    # Editing the chat template does not reconvert the weights.
+    _, states, _ = run(tmp_path, "patch_tokenizer.generation_prompt_suffix=null", until=None)
+    assert states == {"download": "Cached", "patch_tokenizer": "Completed", "convert": "Cached"}
+
+
+def test_convert_failing_its_verification_publishes_nothing(tmp_path):
+    run(tmp_path, until="download")
+    state, states, _ = run(tmp_path, "convert.max_abs_diff=1e-30", only=["convert"])
+    assert state.is_failed() and states == {"convert": "Failed"}
+    assert "does not reproduce transformers' logits" in state.message
+    assert not list((tmp_path / "artifacts" / "convert").glob("[!.]*"))
+
+
+def test_convert_rejects_a_layout_the_model_cannot_take(tmp_path):
+    run(tmp_path, until="download")
+    state, _, _ = run(tmp_path, "convert.tensor_parallel=3", only=["convert"])
+    assert state.is_failed()
+    assert "tensor_parallel=3 must divide the 4 attention heads and 2 KV groups" in state.message

@@ -1,0 +1,67 @@
+"""Run `python -m megatron_bridge ...` as its own process group: one process, or `torchrun` with
+TP×PP processes. Own timeout (the whole group is killed), full log to a file, and a user mistake
+reported by the bridge (exit 2, `error: …`) comes back as `BridgeError` with that one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+class BridgeError(ValueError):
+    """A mistake in the input, as the bridge reported it (one line)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(args: list[str], nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_bridge", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "megatron_bridge", *args]
+
+
+def check_devices(nproc: int) -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        raise BridgeError(f"TP×PP = {nproc} processes need {nproc} GPUs; this machine has "
+                          f"{torch.cuda.device_count()}")
+
+
+def run_bridge(args: list[str], nproc: int = 1, log_file: Path | None = None,
+               timeout: float | None = None) -> str:
+    """Run the bridge; returns its stdout. Raises BridgeError (user mistake) or RuntimeError."""
+    check_devices(nproc)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    proc = subprocess.Popen(command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"megatron_bridge {args[0]} timed out after {timeout:.0f} s") from None
+    except BaseException:  # interrupted or cancelled: never leave the ranks running
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if log_file is not None:
+        Path(log_file).write_text(f"$ {' '.join(command(args, nproc))}\n{out}\n{err}")
+    if proc.returncode == 2 or (proc.returncode and "error: " in err):
+        lines = [line for line in err.splitlines() if "error: " in line]
+        if lines:
+            raise BridgeError(lines[-1].split("error: ", 1)[1])
+    if proc.returncode:
+        raise RuntimeError(f"megatron_bridge {args[0]} failed (exit {proc.returncode}):\n"
+                           + "\n".join(err.splitlines()[-30:]))
+    return out
