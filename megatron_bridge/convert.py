@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from megatron_bridge.models import Architecture, Geometry, Kind, ParamMap, to_hf, to_megatron
 
@@ -29,8 +29,20 @@ class ConversionError(ValueError):
     pass
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class HFWeights:
-    """Lazy reader of an HF folder's safetensors (one tensor in memory at a time)."""
+    """Reads an HF folder's safetensors one tensor at a time with plain file reads.
+
+    Not mmap: pages of a memory-mapped shard stay resident (and counted in RSS) until the file is
+    closed, so converting a one-shard model would hold it twice. Reading into a fresh tensor keeps
+    the peak at the model plus one tensor.
+    """
 
     def __init__(self, hf_dir: Path):
         self.dir = Path(hf_dir)
@@ -42,35 +54,48 @@ class HFWeights:
         else:
             raise ConversionError(f"{self.dir} has no model.safetensors or "
                                   "model.safetensors.index.json")
-        self._open: dict[str, Any] = {}
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
 
-    def _file(self, name: str):
-        fname = self.where.get(name) if self.where is not None else "model.safetensors"
-        if fname is None:
-            raise ConversionError(f"{self.dir.name}: tensor {name} is in no shard of the index; the "
-                                  "checkpoint is incomplete or not this architecture")
-        if fname not in self._open:
+    def _header(self, fname: str) -> tuple[dict[str, Any], int]:
+        if fname not in self._headers:
             path = self.dir / fname
             if not path.is_file():
                 raise ConversionError(f"safetensors shard {fname} is missing from {self.dir}; "
                                       "re-download the model")
+            size = path.stat().st_size
             try:
-                self._open[fname] = safe_open(path, "pt")
-            except (SafetensorError, OSError) as e:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    if length > size - 8:
+                        raise ValueError("header longer than the file")
+                    header = json.loads(f.read(length))
+                header.pop("__metadata__", None)
+                end = max((e["data_offsets"][1] for e in header.values()), default=0)
+                if 8 + length + end > size:
+                    raise ValueError(f"data ends at byte {8 + length + end}, file has {size}")
+            except (ValueError, struct.error, KeyError, TypeError) as e:
                 raise ConversionError(f"safetensors shard {fname} is corrupt ({e}); re-download "
                                       "the model") from None
-        return self._open[fname]
+            self._headers[fname] = (header, 8 + length)
+        return self._headers[fname]
 
     def get(self, name: str) -> torch.Tensor:
-        f = self._file(name)
-        if name not in f.keys():
+        fname = self.where.get(name) if self.where is not None else "model.safetensors"
+        if fname is None:
+            raise ConversionError(f"{self.dir.name}: tensor {name} is in no shard of the index; the "
+                                  "checkpoint is incomplete or not this architecture")
+        header, base = self._header(fname)
+        if name not in header:
             raise ConversionError(f"{self.dir.name}: tensor {name} is missing; the checkpoint is "
                                   "incomplete or not this architecture")
-        try:
-            return f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ConversionError(f"cannot read tensor {name} ({e}); the shard is corrupt: "
-                                  "re-download the model") from None
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        if end > start:
+            with open(self.dir / fname, "rb") as f:
+                f.seek(base + start)
+                f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+        return tensor
 
 
 def _table(arch: Architecture) -> dict[str, ParamMap]:
@@ -116,15 +141,18 @@ def load_hf_into_model(model, arch: Architecture, weights: HFWeights, geo: Geome
 @torch.no_grad()
 def hf_tensors_from_model(model, arch: Architecture, geo: Geometry, tied: bool,
                           ) -> dict[str, torch.Tensor]:
-    """A TP=1 model's parameters as HF tensors (PP stages each return their own layers)."""
+    """A TP=1 model's parameters as HF tensors (PP stages each return their own layers). Consumes
+    the model: a parameter that had to be copied (fused kinds) is freed once exported."""
     if geo.tp != 1:
         raise ValueError("export gathers by loading the checkpoint at TP=1")
     out: dict[str, torch.Tensor] = {}
     for param, row, _, hf_names in param_rows(model, arch, tied):
         if tied and row.megatron == "output_layer.weight":
             continue  # the embedding, exported once
-        for name, tensor in zip(hf_names, to_hf(row.kind, [param.detach()], geo)):
-            out[name] = tensor.contiguous().clone()
+        tensors = [t.contiguous() for t in to_hf(row.kind, [param.detach()], geo)]
+        out.update(zip(hf_names, tensors))
+        if all(t.untyped_storage().data_ptr() != param.untyped_storage().data_ptr() for t in tensors):
+            param.data = param.data.new_empty(0)  # a copy was made: free the original now
     return out
 
 
