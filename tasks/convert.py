@@ -11,7 +11,6 @@ from tasks.artifacts import Manifest
 from tasks.stage import BuildContext, Stage
 
 
-
 def build(ctx: BuildContext) -> None:
     from megatron_bridge.launch import BridgeError, run_bridge
 
