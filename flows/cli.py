@@ -120,12 +120,12 @@ def settings_show(
         typer.echo(dump_settings(settings), nl=False)
 
 
-def _bridge(args: list[str], nproc: int) -> str:
-    """Run megatron_bridge (torchrun when nproc > 1); a user mistake exits 2 with its line."""
+def _bridge(args: list[str], layout: tuple[int, int] | None = None) -> str:
+    """Run megatron_bridge (torchrun when TP×PP > 1); a user mistake exits 2 with its line."""
     from megatron_bridge.launch import BridgeError, run_bridge
 
     try:
-        return run_bridge(args, nproc)
+        return run_bridge(args, layout)
     except BridgeError as e:
         fail(str(e))
     except RuntimeError as e:
@@ -145,8 +145,7 @@ def hf2mcore(
     dtype: Annotated[str, typer.Option(help="source, float32, bfloat16 or float16.")] = "source",
 ) -> None:
     """HF → Megatron torch_dist checkpoint at TP×PP (runs under torchrun when TP×PP > 1)."""
-    _bridge(["hf2mcore", "--hf", str(hf), "--out", str(out), "--tp", str(tp), "--pp", str(pp),
-             "--dtype", dtype], tp * pp)
+    _bridge(["hf2mcore", "--hf", str(hf), "--out", str(out), "--dtype", dtype], (tp, pp))
     typer.echo(f"wrote {out}")
 
 
@@ -159,7 +158,7 @@ def mcore2hf(
 ) -> None:
     """Megatron checkpoint (any TP/PP) → HF folder with safetensors and config.json."""
     _bridge(["mcore2hf", "--mcore", str(mcore), "--out", str(out)]
-            + (["--hf-base", str(hf_base)] if hf_base else []), 1)
+            + (["--hf-base", str(hf_base)] if hf_base else []))
     typer.echo(f"wrote {out}")
 
 
@@ -177,8 +176,8 @@ def verify_cmd(
 
     with tempfile.TemporaryDirectory() as tmp:
         report_file = Path(tmp) / "verification.json"
-        _bridge(["verify", "--hf", str(hf), "--mcore", str(mcore), "--tp", str(tp), "--pp", str(pp),
-                 "--json", str(report_file)], tp * pp)
+        _bridge(["verify", "--hf", str(hf), "--mcore", str(mcore), "--json", str(report_file)],
+                (tp, pp))
         report = json.loads(report_file.read_text())
     if json_out:
         typer.echo(json.dumps(report, indent=2))

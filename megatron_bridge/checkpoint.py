@@ -19,7 +19,7 @@ MAPPING_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    pass
+    """A folder that is not a usable rsft/Megatron checkpoint (one line, names the fix)."""
 
 
 def iteration_dir(root: Path, iteration: int | str) -> Path:
@@ -74,7 +74,7 @@ def load(model, root: Path) -> None:
     if not target.is_dir():
         raise CheckpointError(f"{root}: the tracker points to {target.name}, which does not exist")
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(target))
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing, _ = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
         raise CheckpointError(f"{root}: checkpoint lacks {missing[:3]}…; it is not this model")

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
 
-from megatron_bridge.models import Architecture, Geometry, Kind, ParamMap, to_hf, to_megatron
+from megatron_bridge import checkpoint
+from megatron_bridge.build import (DTYPES, build_model, check_layout, geometry, hf_dtype,
+                                   read_hf_config)
+
+from megatron_bridge.models import Architecture, Geometry, architecture_for, to_hf, to_megatron
+from megatron_bridge.parallel import model_parallel
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the next linear layer.
 TE_ALIASES = {
@@ -26,7 +34,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 class ConversionError(ValueError):
-    pass
+    """Weights that do not fit the config or table, or a missing/corrupt shard (one line)."""
 
 
 SAFETENSORS_DTYPES = {
@@ -98,13 +106,9 @@ class HFWeights:
         return tensor
 
 
-def _table(arch: Architecture) -> dict[str, ParamMap]:
-    return {p.megatron: p for p in arch.params}
-
-
 def param_rows(model, arch: Architecture, tied: bool):
-    """(parameter, table row, global layer or None, HF names) for every parameter of the model."""
-    table = _table(arch)
+    """(parameter, table row, HF names) for every parameter of the model."""
+    table = {p.megatron: p for p in arch.params}
     layers = model.decoder.layers if hasattr(model, "decoder") else []
     for name, param in model.named_parameters():
         layer = None
@@ -120,7 +124,7 @@ def param_rows(model, arch: Architecture, tied: bool):
         hf_names = tuple(n.format(L=layer) for n in row.hf)
         if tied and template == "output_layer.weight":
             hf_names = ("model.embed_tokens.weight",)
-        yield param, row, layer, hf_names
+        yield param, row, hf_names
 
 
 @torch.no_grad()
@@ -128,7 +132,7 @@ def load_hf_into_model(model, arch: Architecture, weights: HFWeights, geo: Geome
                        tp_rank: int, tied: bool) -> int:
     """Fill every parameter of this rank's model from the HF tensors; returns how many."""
     count = 0
-    for param, row, _, hf_names in param_rows(model, arch, tied):
+    for param, row, hf_names in param_rows(model, arch, tied):
         tensor = to_megatron(row.kind, [weights.get(n) for n in hf_names], geo, tp_rank)
         if tensor.shape != param.shape:
             raise ConversionError(f"{hf_names[0]}: shape {tuple(tensor.shape)} for megatron's "
@@ -146,7 +150,7 @@ def hf_tensors_from_model(model, arch: Architecture, geo: Geometry, tied: bool,
     if geo.tp != 1:
         raise ValueError("export gathers by loading the checkpoint at TP=1")
     out: dict[str, torch.Tensor] = {}
-    for param, row, _, hf_names in param_rows(model, arch, tied):
+    for param, row, hf_names in param_rows(model, arch, tied):
         if tied and row.megatron == "output_layer.weight":
             continue  # the embedding, exported once
         tensors = [t.contiguous() for t in to_hf(row.kind, [param.detach()], geo)]
@@ -156,19 +160,11 @@ def hf_tensors_from_model(model, arch: Architecture, geo: Geometry, tied: bool,
     return out
 
 
-__all__ = ["ConversionError", "HFWeights", "Kind", "hf_tensors_from_model", "load_hf_into_model",
-           "param_rows"]
-
 
 # -- whole-checkpoint operations ----------------------------------------------------------------
 def hf_to_mcore(hf_dir: Path, out: Path, tp: int, pp: int, dtype: str = "source") -> dict[str, Any]:
     """Collective (all ranks of a TP×PP world): convert an HF folder to a torch_dist checkpoint."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_bridge import checkpoint
-    from megatron_bridge.build import DTYPES, build_model, check_layout, geometry, hf_dtype, read_hf_config
-    from megatron_bridge.models import architecture_for
-    from megatron_bridge.parallel import model_parallel
+    from megatron.core import parallel_state as ps  # megatron-core loads only when converting
 
     hf = read_hf_config(hf_dir)
     arch = architecture_for(hf)
@@ -191,16 +187,6 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
                 max_shard_bytes: int = 5 * 1024**3) -> dict[str, Any]:
     """Load any TP/PP checkpoint at TP1/PP1 (dist_checkpointing reshards), unpad the vocab and
     write safetensors (sharded with an index when large), config.json and tokenizer files."""
-    import shutil
-
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    from megatron_bridge import checkpoint
-    from megatron_bridge.build import DTYPES, build_model, geometry
-    from megatron_bridge.models import architecture_for
-    from megatron_bridge.parallel import model_parallel
-
     meta = checkpoint.read_metadata(mcore_dir)
     hf = dict(meta["hf_config"])
     if hf_base is not None:

@@ -16,7 +16,8 @@ class BridgeError(ValueError):
     """A mistake in the input, as the bridge reported it (one line)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback for a rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -26,7 +27,7 @@ def command(args: list[str], nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "megatron_bridge", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             "-m", "megatron_bridge", *args]
 
 
@@ -38,9 +39,15 @@ def check_devices(nproc: int) -> None:
                           f"{torch.cuda.device_count()}")
 
 
-def run_bridge(args: list[str], nproc: int = 1, log_file: Path | None = None,
-               timeout: float | None = None) -> str:
-    """Run the bridge; returns its stdout. Raises BridgeError (user mistake) or RuntimeError."""
+def run_bridge(args: list[str], layout: tuple[int, int] | None = None,
+               log_file: Path | None = None, timeout: float | None = None) -> str:
+    """Run the bridge; with a (TP, PP) layout, on TP×PP processes with `--tp/--pp` passed on.
+    Returns its stdout. Raises BridgeError (user mistake) or RuntimeError."""
+    nproc = 1
+    if layout is not None:
+        tp, pp = layout
+        nproc = tp * pp
+        args = [*args, "--tp", str(tp), "--pp", str(pp)]
     check_devices(nproc)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}

@@ -7,23 +7,13 @@ Under `torchrun` the rank/world come from its environment; a plain process is a 
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 from megatron_bridge.compat import apply_cpu_shims, cpu_only, seed_model_parallel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from megatron_bridge.launch import free_port
 
 
 @contextmanager
@@ -36,7 +26,7 @@ def model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234):
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain process: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             started_env = True
         if not cpu_only():

@@ -16,19 +16,19 @@ def build(ctx: BuildContext) -> None:
 
     s: ConvertSettings = ctx.settings
     hf = ctx.upstream["download"].dir
+    layout = (s.tensor_parallel, s.pipeline_parallel)
     nproc = s.tensor_parallel * s.pipeline_parallel
-    layout = ["--tp", str(s.tensor_parallel), "--pp", str(s.pipeline_parallel)]
     timeout = s.timeout_minutes * 60
     logs = ctx.out / "logs"
     logs.mkdir()
     try:
         ctx.log.info("convert: %s -> megatron TP=%d PP=%d (%d process%s)", hf.name,
                      s.tensor_parallel, s.pipeline_parallel, nproc, "es" if nproc > 1 else "")
-        run_bridge(["hf2mcore", "--hf", str(hf), "--out", str(ctx.out), *layout, "--dtype", s.dtype],
-                   nproc, logs / "hf2mcore.log", timeout)
+        run_bridge(["hf2mcore", "--hf", str(hf), "--out", str(ctx.out), "--dtype", s.dtype],
+                   layout, logs / "hf2mcore.log", timeout)
         if s.verify:
-            run_bridge(["verify", "--hf", str(hf), "--mcore", str(ctx.out), *layout, "--json",
-                        str(ctx.out / "verification.json")], nproc, logs / "verify.log", timeout)
+            run_bridge(["verify", "--hf", str(hf), "--mcore", str(ctx.out), "--json",
+                        str(ctx.out / "verification.json")], layout, logs / "verify.log", timeout)
     except BridgeError as e:
         raise UserError(f"convert: {e}") from None
     meta = json.loads((ctx.out / "rsft_checkpoint.json").read_text())

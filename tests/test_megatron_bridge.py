@@ -113,7 +113,7 @@ def test_every_table_row_is_used_by_some_family(tmp_path):
 
         arch = architecture_for(hf)
         with model_parallel(1, 1):
-            for _, row, _, _ in param_rows(build_model(hf), arch, tied=False):
+            for _, row, _ in param_rows(build_model(hf), arch, tied=False):
                 used[arch.name].add(row.megatron)
         assert used[arch.name] == {p.megatron for p in arch.params}, arch.name
 

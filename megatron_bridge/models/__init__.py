@@ -11,7 +11,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (qwen2.ARCH, llama.ARCH, qwen3.ARCH)
 
 
 class UnsupportedArchitecture(ValueError):
-    pass
+    """config.json names no architecture with a table here (the message lists them)."""
 
 
 def architecture_for(hf_config: dict[str, Any]) -> Architecture:
