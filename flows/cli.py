@@ -155,10 +155,12 @@ def mcore2hf(
     out: Annotated[Path, typer.Option(help="HF folder to write.")],
     hf_base: Annotated[Optional[Path], typer.Option(
         help="HF folder of the source model: its tokenizer files are copied.")] = None,
+    max_shard_size: Annotated[str, typer.Option(
+        help="Largest safetensors file (e.g. 5GB, 500MB); bigger models get an index.")] = "5GB",
 ) -> None:
     """Megatron checkpoint (any TP/PP) → HF folder with safetensors and config.json."""
-    _bridge(["mcore2hf", "--mcore", str(mcore), "--out", str(out)]
-            + (["--hf-base", str(hf_base)] if hf_base else []))
+    _bridge(["mcore2hf", "--mcore", str(mcore), "--out", str(out), "--max-shard-size",
+             max_shard_size] + (["--hf-base", str(hf_base)] if hf_base else []))
     typer.echo(f"wrote {out}")
 
 

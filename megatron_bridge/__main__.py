@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mcore", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--hf-base", type=Path, help="HF folder to take tokenizer files from")
+    b.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file, e.g. 5GB or 500MB (bigger models are sharded)")
     c = sub.add_parser("verify", help="logits of the checkpoint vs transformers")
     c.add_argument("--hf", type=Path, required=True)
     c.add_argument("--mcore", type=Path, required=True)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf2mcore":
             hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype)
         elif args.command == "mcore2hf":
-            mcore_to_hf(args.mcore, args.out, args.hf_base)
+            mcore_to_hf(args.mcore, args.out, args.hf_base, args.max_shard_size)
         else:
             report = verify(args.hf, args.mcore, args.tp, args.pp, args.dtype)
             if report is not None:

@@ -8,6 +8,7 @@ missing or mis-shaped is an error, never silently skipped.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -184,7 +185,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, tp: int, pp: int, dtype: str = "source"
 
 
 def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
-                max_shard_bytes: int = 5 * 1024**3) -> dict[str, Any]:
+                max_shard_size: int | str = "5GB") -> dict[str, Any]:
     """Load any TP/PP checkpoint at TP1/PP1 (dist_checkpointing reshards), unpad the vocab and
     write safetensors (sharded with an index when large), config.json and tokenizer files."""
     meta = checkpoint.read_metadata(mcore_dir)
@@ -196,6 +197,9 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
         if diff := [k for k in keys if base.get(k) != hf.get(k)]:
             raise ConversionError(f"--hf-base {hf_base} is a different model ({', '.join(diff)} "
                                   "differ from the checkpoint's source config)")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out} already exists and is not empty; choose another --out")
     arch = architecture_for(hf)
     dtype = DTYPES[meta["dtype"]]
     tied = bool(hf.get("tie_word_embeddings", False))
@@ -203,18 +207,28 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
         model = build_model(hf, 1, 1, dtype)
         checkpoint.load(model, mcore_dir)
         tensors = hf_tensors_from_model(model, arch, geometry(hf, 1), tied)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n] for n in names}, out / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
-    if hf_base is not None:
-        for f in Path(hf_base).iterdir():
-            if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template",
-                                                    "generation_config", "vocab", "merges"))):
-                shutil.copyfile(f, out / f.name)
+    # Written next to the destination and renamed when complete: a failed export leaves no
+    # folder that looks like a model.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if hf_base is not None:
+            for f in Path(hf_base).iterdir():
+                if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template",
+                                                        "generation_config", "vocab", "merges"))):
+                    shutil.copyfile(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {"tensors": len(tensors), "shards": len(split.filename_to_tensors)}

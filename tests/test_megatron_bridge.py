@@ -48,8 +48,13 @@ def tiny_hf(out: Path, family: str, dtype: torch.dtype = torch.float32, tied: bo
     return out
 
 
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder, single file or sharded."""
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def assert_bit_exact(a_dir: Path, b_dir: Path) -> None:
-    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    a, b = load_folder(a_dir), load_folder(b_dir)
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
@@ -98,6 +103,22 @@ def test_tp1_logits_match_transformers_and_round_trip_is_bit_exact(tmp_path, fam
     assert_bit_exact(hf, tmp_path / "back")
     assert json.loads((tmp_path / "back/config.json").read_text())["vocab_size"] == 151936
     assert (tmp_path / "back/tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+
+
+def test_sharded_hf_input_and_sharded_export(tmp_path):
+    """A multi-shard HF folder (with its index) converts, and the export shards the same way."""
+    hf = tiny_hf(tmp_path / "single", "qwen2", torch.bfloat16)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "hf", max_shard_size="15MB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", tp=1, pp=1)
+    info = mcore_to_hf(tmp_path / "mcore", tmp_path / "back", max_shard_size="15MB")
+    assert info["shards"] > 1 and (tmp_path / "back/model.safetensors.index.json").is_file()
+    assert_bit_exact(hf, tmp_path / "back")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
 
 
 def test_every_table_row_is_used_by_some_family(tmp_path):
