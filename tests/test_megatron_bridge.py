@@ -28,14 +28,14 @@ FAMILIES = {
 
 
 def tiny_hf(out: Path, family: str, dtype: torch.dtype = torch.float32, tied: bool = False,
-            layers: int = 2) -> Path:
+            layers: int = 2, **extra) -> Path:
     """A random tiny model of `family` with the real R1 tokenizer and its full vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
         family, hidden_size=64, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, num_hidden_layers=layers, vocab_size=151936,
-        max_position_embeddings=512, tie_word_embeddings=tied, **FAMILIES[family])
+        max_position_embeddings=512, tie_word_embeddings=tied, **{**FAMILIES[family], **extra})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # HF initialises biases and norms to constants: make them count
@@ -103,6 +103,27 @@ def test_tp1_logits_match_transformers_and_round_trip_is_bit_exact(tmp_path, fam
     assert_bit_exact(hf, tmp_path / "back")
     assert json.loads((tmp_path / "back/config.json").read_text())["vocab_size"] == 151936
     assert (tmp_path / "back/tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_scaling_is_carried_over_and_others_refused(tmp_path):
+    # theta as Llama 3's: half the rotary frequencies fall in the scaled or smoothed bands; large
+    # weights make attention position-sensitive, so a missed scaling shows in the logits
+    hf = tiny_hf(tmp_path / "hf", "llama", initializer_range=0.5,
+                 rope_parameters={**LLAMA31_ROPE, "rope_theta": 500000.0})
+    hf_to_mcore(hf, tmp_path / "mcore", tp=1, pp=1)
+    report = verify(hf, tmp_path / "mcore", 1, 1)
+    assert report["max_abs_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
+    cfg = json.loads((hf / "config.json").read_text())
+    for key in ("rope_parameters", "rope_scaling"):
+        cfg.pop(key, None)
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported by megatron-core"):
+        hf_to_mcore(hf, tmp_path / "other", tp=1, pp=1)
 
 
 def test_sharded_hf_input_and_sharded_export(tmp_path):

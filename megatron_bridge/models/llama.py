@@ -1,4 +1,5 @@
-"""Llama (3.x): the decoder table Qwen2 and Qwen3 share. No biases, untied or tied embeddings."""
+"""Llama (3.x): the decoder table Qwen2 and Qwen3 share. No biases, untied or tied embeddings,
+Llama 3.1-style RoPE scaling."""
 
 from __future__ import annotations
 
@@ -33,17 +34,27 @@ def rope_theta(hf: dict[str, Any]) -> float:
     return float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
 
 
-def refuse_rope_scaling(hf: dict[str, Any]) -> None:
+# megatron-core implements Llama 3.1's frequency scaling with these constants fixed (only the
+# factor is a parameter); every Llama 3.1/3.2/3.3 checkpoint uses them.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def rope_scaling(hf: dict[str, Any]) -> dict[str, Any]:
+    """GPTModel kwargs for the config's RoPE scaling; a clear error for kinds megatron-core lacks."""
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"rope scaling '{kind}' is not supported by this converter yet; use a "
-                         "model without rope_scaling (or add it to megatron_bridge/models)")
+    if kind == "default":
+        return {}
+    if kind == "llama3" and all(float(scaling.get(k, -1)) == v for k, v in LLAMA3_FIXED.items()):
+        return {"rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
+    detail = "" if kind != "llama3" else f" with {({k: scaling.get(k) for k in LLAMA3_FIXED})}"
+    raise ValueError(f"rope scaling '{kind}'{detail} is not supported by megatron-core; supported: "
+                     f"none, or 'llama3' with {LLAMA3_FIXED}")
 
 
 def decoder_config(hf: dict[str, Any], *, qkv_bias: bool, qk_layernorm: bool = False) -> dict[str, Any]:
     """The TransformerConfig + GPTModel kwargs every Llama-style decoder shares."""
-    refuse_rope_scaling(hf)
     if hf.get("mlp_bias"):
         raise ValueError("mlp_bias=true is not supported (no Llama/Qwen checkpoint uses it)")
     if hf.get("use_sliding_window"):
@@ -70,6 +81,7 @@ def decoder_config(hf: dict[str, Any], *, qkv_bias: bool, qk_layernorm: bool = F
             "max_sequence_length": hf.get("max_position_embeddings", 4096),
             "position_embedding_type": "rope",
             "rotary_base": rope_theta(hf),
+            **rope_scaling(hf),
             "share_embeddings_and_output_weights": bool(hf.get("tie_word_embeddings", False)),
         },
     }
