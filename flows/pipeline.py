@@ -145,6 +145,10 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
         if stage.report and (rows := stage.report(manifest)):
             create_table_artifact(rows, key=f"{p.name.replace('_', '-')}-report",
                                   description=f"{p.name}: {stage.description}")
+        if stage.markdown:
+            create_markdown_artifact(stage.markdown(manifest),
+                                     key=f"{p.name.replace('_', '-')}-summary",
+                                     description=f"{p.name}: {stage.description}")
     _summary_artifact(manifests, status)
     return manifests
 

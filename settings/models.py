@@ -117,40 +117,108 @@ class ConvertSettings(Strict):
     """Kill the conversion (all its processes) after this long."""
 
 
+ROLES = ("system", "user", "assistant")
+
+
 class DatasetSource(Strict):
     """One source of a dataset mixture."""
 
     path: str
-    """`hf://org/name@revision`, or a local JSON/JSONL/Parquet file or folder."""
+    """`hf://org/name@revision` (a Hub dataset; the revision is resolved to a commit and pinned),
+    a local JSON / JSONL / Parquet file or a folder of them, or `builtin:openmathreasoning-r1-64`
+    (the 64 real DeepSeek-R1 traces shipped in `examples/data`)."""
     weight: float = Field(default=1.0, gt=0)
-    """Fraction (<1 keeps part, seeded) or upsampling factor (>1) of this source."""
+    """How much of the source to use: below 1 keeps that fraction of its rows (seeded sample,
+    without replacement), above 1 upsamples (2.5 = every row twice plus a seeded half)."""
+    name: str | None = None
+    """Hub dataset configuration (the `name` of `datasets.load_dataset`)."""
     split: str = "train"
-    """Split to read (hub datasets)."""
+    """Split to read (Hub datasets and local folders with split-named files)."""
     fields: dict[str, str] = Field(default_factory=dict)
-    """Field map onto the normalised schema, e.g. {problem: user, generated_solution: assistant}."""
+    """Columns → roles for flat records, e.g. `{problem: user, generated_solution: assistant}`;
+    or `{conversations: messages}` to name a chat column. Empty: detected — a `messages` or
+    `conversations` column (roles `role`/`content` or ShareGPT `from`/`value`), else
+    `instruction` (+ `input`) → user and `output` → assistant (the seed's format)."""
+
+    @field_validator("path")
+    @classmethod
+    def _path_form(cls, v: str) -> str:
+        if v.startswith("hf://") and not HF_SOURCE.match(v):
+            raise ValueError("expected hf://org/name or hf://org/name@revision")
+        if v.startswith("builtin:") and not BUILTIN_SOURCE.match(v):
+            raise ValueError("expected builtin:NAME, e.g. builtin:openmathreasoning-r1-64")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _field_roles(cls, v: dict[str, str]) -> dict[str, str]:
+        allowed = (*ROLES, "messages")
+        if bad := [f"{k}: {r}" for k, r in v.items() if r not in allowed]:
+            raise ValueError(f"{', '.join(bad)}: a field maps to one of {', '.join(allowed)}")
+        roles = list(v.values())
+        if "messages" in roles and len(roles) > 1:
+            raise ValueError("map one chat column to `messages`, or flat columns to roles, not both")
+        if "messages" not in roles and roles and "assistant" not in roles:
+            raise ValueError("no field maps to `assistant`: there would be nothing to train on")
+        return v
+
+
+class HybridSettings(Strict):
+    """Thinkless warm-up data: short answers made from long reasoning answers."""
+
+    enabled: bool = False
+    """Build `<short>` samples from `<think>…</think>` answers."""
+    ratio: float = Field(default=0.5, ge=0, le=1)
+    """Share of the eligible samples (answers with a closed `</think>`) that get a short form."""
+    keep_long: bool = True
+    """Keep the long answer too (a short and a long sample per chosen problem), as the Thinkless
+    authors paired them; false replaces it."""
+    control_token: str = "<short>"
+    """Prefix of a short answer (then a newline, then the text after `</think>`)."""
+    seed: int = 0
+    """Which samples get a short form."""
 
 
 class DatasetSettings(Strict):
-    """Stage `dataset`: sources and mixture of the SFT data."""
+    """Stage `dataset`: sources and mixture of the SFT data, normalised to chat messages."""
 
-    sources: list[DatasetSource] = Field(default_factory=list)
-    """The mixture; rows are shuffled with `seed`."""
+    sources: list[DatasetSource] = Field(min_length=1, default_factory=lambda: [DatasetSource(
+        path="builtin:openmathreasoning-r1-64",
+        fields={"problem": "user", "generated_solution": "assistant"})])
+    """The mixture; all selected rows are shuffled together with `seed`. Default: the built-in
+    64 real R1 traces."""
     test_split: float = Field(default=0.0, ge=0)
-    """Held-out test rows: a fraction (<1) or a count (≥1)."""
+    """Held-out test rows carved from the shuffled mixture: a fraction (<1) or a count (≥1)."""
     seed: int = 1234
-    """Shuffle / sampling seed."""
+    """Shuffle and sampling seed."""
+    hybrid: HybridSettings = Field(default_factory=HybridSettings)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """A record that cannot be used (malformed JSON line, non-UTF-8 bytes, missing field, empty
+    assistant answer, unknown role): `error` stops with its file and line; `skip` drops it and
+    counts it by reason in the statistics."""
 
 
 class TokenizeSettings(Strict):
-    """Stage `tokenize`: chat template, response-only labels, packing."""
+    """Stage `tokenize`: chat template, response-only labels, packing, Megatron indexed datasets."""
 
     seq_length: int = Field(default=16384, ge=8)
     """Training sequence length (tokens per packed row)."""
     pack: bool = True
-    """Best-fit-decreasing packing of whole samples into `seq_length` rows (documents never attend
-    to each other); false gives the seed's one padded sample per row."""
+    """Best-fit-decreasing packing of whole samples over the whole dataset into `seq_length`
+    rows (samples keep their boundaries; training never lets them attend to each other); false
+    gives the seed's layout, one sample per row."""
     overlong: Literal["drop", "truncate", "error"] = "drop"
-    """What to do with samples longer than `seq_length` (always counted in the statistics)."""
+    """Samples longer than `seq_length`: `drop` them, `truncate` them (their EOS is lost; counted
+    and flagged), or stop with an `error`. Always counted in the statistics."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """Multi-turn samples: supervise every assistant turn, or only the last."""
+    supervise_control_token: bool = True
+    """Whether a leading control token of the answer (one of `control_tokens`) is in the loss.
+    True (the seed): the model learns to choose its mode."""
+    control_tokens: list[str] = Field(default_factory=lambda: ["<think>", "<short>"])
+    """Mode tokens an answer may start with."""
+    workers: int = not_in_key(default=0, ge=0)
+    """Tokenizer processes (0 = one per CPU core). The output bytes do not depend on it."""
 
 
 class TrainSettings(Strict):

@@ -58,33 +58,37 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_revision(repo: str, revision: str, token: str | None) -> str:
-    """A branch/tag → its current commit (offline: from the local cache's refs)."""
+def resolve_revision(repo: str, revision: str, token: str | None, repo_type: str = "model",
+                     field: str = "download.source") -> str:
+    """A branch/tag → its current commit (offline: from the local cache's refs). `field` names
+    the setting in error messages."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hf_errors
 
     if COMMIT.match(revision):
         return revision
+    what = "model" if repo_type == "model" else "dataset"
     try:
         if hub_offline():
-            return Path(snapshot_download(repo, revision=revision, local_files_only=True)).name
-        return HfApi(token=token).model_info(repo, revision=revision).sha
+            return Path(snapshot_download(repo, revision=revision, repo_type=repo_type,
+                                          local_files_only=True)).name
+        return HfApi(token=token).repo_info(repo, revision=revision, repo_type=repo_type).sha
     except hf_errors.GatedRepoError:
-        raise UserError(f"download.source: hf://{repo} is gated; accept its terms on the Hub and "
+        raise UserError(f"{field}: hf://{repo} is gated; accept its terms on the Hub and "
                         "set HF_TOKEN (or download.hf_token_secret)") from None
     except hf_errors.RepositoryNotFoundError:
-        raise UserError(f"download.source: no Hub model hf://{repo} (or it is private: set "
+        raise UserError(f"{field}: no Hub {what} hf://{repo} (or it is private: set "
                         "HF_TOKEN); check the name") from None
     except hf_errors.RevisionNotFoundError:
-        raise UserError(f"download.source: hf://{repo} has no revision '{revision}'") from None
+        raise UserError(f"{field}: hf://{repo} has no revision '{revision}'") from None
     except hf_errors.LocalEntryNotFoundError:
-        raise UserError(f"download.source: hf://{repo}@{revision} is not in the local Hugging Face "
+        raise UserError(f"{field}: hf://{repo}@{revision} is not in the local Hugging Face "
                         "cache and the Hub is offline; download it once online or unset "
                         "HF_HUB_OFFLINE") from None
     except Exception as e:
         if not is_network_error(e):
             raise
-        raise UserError(f"download.source: cannot reach the Hugging Face Hub to resolve "
+        raise UserError(f"{field}: cannot reach the Hugging Face Hub to resolve "
                         f"hf://{repo}@{revision} ({type(e).__name__}: {e}); check the network, pin "
                         "a commit, or set HF_HUB_OFFLINE=1 to use the local cache") from None
 

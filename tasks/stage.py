@@ -60,6 +60,8 @@ class Stage:
     description: str = ""
     report: Callable[[Manifest], list[dict[str, Any]]] | None = None
     """Rows of a table the flow shows as a Prefect artifact after the stage (e.g. checks)."""
+    markdown: Callable[[Manifest], str] | None = None
+    """A markdown summary the flow shows as a Prefect artifact after the stage."""
 
 
 def key_settings(section: BaseModel) -> dict[str, Any]:

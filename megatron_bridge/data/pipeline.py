@@ -1,0 +1,193 @@
+"""Streaming, multi-process tokenization of a chat dataset into the packed SFT format.
+
+Parquet record batches (columns `messages`, `source`, `row`) are cut into fixed chunks and
+tokenized by a pool of worker processes (each renders and encodes single-threaded; processes
+scale better than the Rust tokenizer's threads and also parallelise the template rendering).
+Results come back in chunk order, so the output bytes do not depend on the worker count. Samples
+stream to a temporary one-sample-per-row dataset, then are packed (best-fit decreasing over the
+whole dataset) into the final rows: memory holds the lengths, never the samples.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_bridge.data.chat import ChatMasker, TemplateError
+from megatron_bridge.data.indexed import SFTWriter, paths
+from megatron_bridge.data.packing import best_fit_decreasing
+
+CHUNK = 128  # samples per worker task: fixed, so chunking never depends on the worker count
+HISTOGRAM_BINS = 32
+
+
+class DataError(ValueError):
+    """A sample the settings say must stop the run (one line, names the sample and the fix)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    seq_length: int
+    pack: bool = True
+    overlong: str = "drop"  # drop | truncate | error
+    assistant_turns: str = "all"
+    supervise_control_token: bool = True
+    control_tokens: tuple[str, ...] = ("<think>", "<short>")
+    workers: int = 0
+
+
+# -- workers -------------------------------------------------------------------------------------
+_masker: ChatMasker | None = None
+
+
+def _init_worker(tokenizer_dir: str, options: Options) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    global _masker
+    _masker = make_masker(Path(tokenizer_dir), options)
+
+
+def make_masker(tokenizer_dir: Path, options: Options) -> ChatMasker:
+    return ChatMasker(tokenizer_dir, options.assistant_turns, options.supervise_control_token,
+                      options.control_tokens)
+
+
+def _encode_chunk(batch: list[list[dict[str, str]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    assert _masker is not None
+    return _masker.encode(batch)
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_chunks(parquet: Path) -> Iterator[tuple[list[Any], list[str]]]:
+    """(messages, location) chunks of CHUNK samples."""
+    import pyarrow.parquet as pq
+
+    messages: list[Any] = []
+    where: list[str] = []
+    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=1024,
+                                                      columns=["messages", "source", "row"]):
+        cols = batch.to_pydict()
+        messages += cols["messages"]
+        where += [f"{s} record {r}" for s, r in zip(cols["source"], cols["row"])]
+        while len(messages) >= CHUNK:
+            yield messages[:CHUNK], where[:CHUNK]
+            messages, where = messages[CHUNK:], where[CHUNK:]
+    if messages:
+        yield messages, where
+
+
+def count_rows(parquet: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(parquet).metadata.num_rows
+
+
+def encoded(parquet: Path, tokenizer_dir: Path, options: Options
+            ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
+    """(location, (ids, mask)) per sample, in dataset order."""
+    workers = options.workers or os.cpu_count() or 1
+    chunks = read_chunks(parquet)
+    if workers == 1:
+        masker = make_masker(tokenizer_dir, options)
+        for batch, where in chunks:
+            yield from zip(where, masker.encode(batch))
+        return
+    context = multiprocessing.get_context("spawn")  # fork is unsafe under Prefect's threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(str(tokenizer_dir), options)) as pool:
+        pending: list[tuple[Any, list[str]]] = []
+        for batch, where in chunks:
+            pending.append((pool.submit(_encode_chunk, batch), where))
+            if len(pending) >= 3 * workers:  # bounded: a few chunks in flight per worker
+                future, locations = pending.pop(0)
+                yield from zip(locations, future.result())
+        for future, locations in pending:
+            yield from zip(locations, future.result())
+
+
+# -- the split -----------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    samples_in: int = 0
+    samples_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    rows: int = 0
+    seq_length: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        counts, edges = np.histogram(lengths, bins=HISTOGRAM_BINS, range=(0, self.seq_length))
+        slots = self.rows * self.seq_length
+        return {
+            "samples_in": self.samples_in, "samples_out": self.samples_out,
+            "dropped": dict(self.dropped), "truncated": self.truncated,
+            "tokens": self.tokens, "supervised_tokens": self.supervised_tokens,
+            "supervised_fraction": self.supervised_tokens / max(self.tokens, 1),
+            "rows": self.rows, "seq_length": self.seq_length,
+            "packing_efficiency": self.tokens / max(slots, 1),
+            "length": {"min": int(lengths.min(initial=0)), "max": int(lengths.max(initial=0)),
+                       "mean": float(lengths.mean()) if len(lengths) else 0.0,
+                       "histogram": {"edges": edges.astype(int).tolist(),
+                                     "counts": counts.tolist()}},
+        }
+
+
+def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Options,
+                   on_progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """Tokenize one split into `<prefix>-tokens/-mask` indexed datasets; returns statistics.
+    Raises TemplateError / DataError for problems the settings do not allow."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    stats = Stats(seq_length=options.seq_length)
+    staging = prefix.with_name(prefix.name + ".staging")
+    writer = SFTWriter(staging)
+    limit = options.seq_length
+    for where, (ids, mask) in encoded(parquet, tokenizer_dir, options):
+        stats.samples_in += 1
+        on_progress(1)
+        if len(ids) > limit:
+            if options.overlong == "error":
+                raise DataError(f"{where}: {len(ids)} tokens is longer than tokenize.seq_length="
+                                f"{limit}; raise it, or set tokenize.overlong: drop or truncate")
+            if options.overlong == "drop":
+                stats.dropped["overlong"] += 1
+                continue
+            ids, mask = ids[:limit], mask[:limit]
+            if not mask.any():
+                stats.dropped["prompt_fills_seq_length"] += 1
+                continue
+            stats.truncated += 1
+        writer.add_row([(ids, mask)])
+        stats.samples_out += 1
+        stats.tokens += len(ids)
+        stats.supervised_tokens += int(mask.sum())
+        stats.lengths.append(len(ids))
+    writer.finalize()
+    try:
+        rows = (best_fit_decreasing(np.asarray(stats.lengths), limit) if options.pack
+                else [[i] for i in range(len(stats.lengths))])
+        stats.rows = len(rows)
+        tokens = IndexedDataset(str(staging.with_name(staging.name + "-tokens")))
+        masks = IndexedDataset(str(staging.with_name(staging.name + "-mask")))
+        final = SFTWriter(prefix)
+        for row in rows:
+            final.add_row([(tokens[i], masks[i]) for i in row])
+        final.finalize()
+        del tokens, masks
+    finally:
+        for f in paths(staging).values():
+            f.unlink(missing_ok=True)
+    return stats.summary()
+
+
