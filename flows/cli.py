@@ -164,6 +164,44 @@ def mcore2hf(
     typer.echo(f"wrote {out}")
 
 
+@app.command("tokenize")
+def tokenize_cmd(
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer folder with a chat template (the "
+                                            "patch_tokenizer artifact, or any HF folder).")],
+    data: Annotated[str, typer.Option(help="JSON/JSONL/Parquet file or folder (or hf://…).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the indexed datasets into.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per training row.")] = 16384,
+    pack: Annotated[bool, typer.Option(help="Pack samples (best-fit decreasing).")] = True,
+    field: Annotated[Optional[list[str]], typer.Option(
+        help="COLUMN=ROLE field map, repeatable (e.g. problem=user).")] = None,
+    overlong: Annotated[str, typer.Option(help="drop, truncate or error.")] = "drop",
+    workers: Annotated[int, typer.Option(help="Processes (0 = one per core).")] = 0,
+) -> None:
+    """Run the tokenize stage alone: data → `train-tokens/-mask` indexed datasets + stats."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from settings.models import TokenizeSettings
+    from tasks.tokenize import tokenize_files
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        fields = dict(f.split("=", 1) for f in field or [])
+        settings = TokenizeSettings(seq_length=seq_len, pack=pack, overlong=overlong,
+                                    workers=workers)
+        stats = tokenize_files(data, fields, tokenizer, out, settings, logging.getLogger("rsft"))
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    except ValueError as e:  # a --field without "="
+        fail(f"--field expects COLUMN=ROLE ({e})")
+    except UserError as e:
+        fail(str(e))
+    train = stats["splits"]["train"]
+    typer.echo(f"wrote {out}: {train['samples_out']} samples in {train['rows']} rows, "
+               f"{100 * train['packing_efficiency']:.1f}% packed")
+
+
 @app.command("verify")
 def verify_cmd(
     hf: Annotated[Path, typer.Option(help="HF model folder (with its tokenizer).")],

@@ -198,37 +198,46 @@ def _chat(turns: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
+SEED_FIELDS = {"instruction": "user", "output": "assistant"}
+
+
+def detect_fields(record: Any, where: str) -> dict[str, str]:
+    """The field map of a source, from its first record: a `messages`/`conversations` chat
+    column, or the seed's `instruction`/`output` (+ optional `input`, `system`)."""
+    if isinstance(record, dict):
+        for column in ("messages", "conversations"):
+            if column in record:
+                return {column: "messages"}
+        if "instruction" in record and "output" in record:
+            return dict(SEED_FIELDS)
+    keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+    raise UserError(f"{where}: unknown record format (has: {keys}); expected `messages`, "
+                    "`conversations` or `instruction`+`output`, or set dataset.sources[].fields")
+
+
 def to_messages(record: Any, fields: dict[str, str], where: str) -> list[dict[str, str]]:
-    """One raw record → chat messages (raises BadRecord)."""
+    """One raw record → chat messages through a field map (raises BadRecord)."""
     if isinstance(record, BadRecord):
         raise record
     if not isinstance(record, dict):
         raise BadRecord(where, "not_object", f"record is {type(record).__name__}, not an object")
-    if fields:
-        chat = [k for k, role in fields.items() if role == "messages"]
-        if chat:
-            messages = _chat(record.get(chat[0]), where) if chat[0] in record else _chat(
-                _text(record, chat[0], where), where)
-        else:
-            by_role: dict[str, list[str]] = {}
-            for key, role in fields.items():
-                by_role.setdefault(role, []).append(_text(record, key, where))
-            messages = [{"role": role, "content": "\n\n".join(by_role[role])}
-                        for role in ("system", "user", "assistant") if role in by_role]
-    elif "messages" in record or "conversations" in record:
-        messages = _chat(record.get("messages", record.get("conversations")), where)
-    elif "instruction" in record and "output" in record:
-        user = _text(record, "instruction", where)
-        if isinstance(record.get("input"), str) and record["input"].strip():
-            user += "\n\n" + record["input"]
-        messages = [{"role": "user", "content": user},
-                    {"role": "assistant", "content": _text(record, "output", where)}]
-        if isinstance(record.get("system"), str) and record["system"].strip():
-            messages.insert(0, {"role": "system", "content": record["system"]})
+    chat = [k for k, role in fields.items() if role == "messages"]
+    if chat:
+        value = record.get(chat[0])
+        if value is None:
+            _text(record, chat[0], where)  # raises "missing field"
+        messages = _chat(value, where)
     else:
-        raise BadRecord(where, "unknown_format", "no `messages`/`conversations` or "
-                        "`instruction`+`output` fields (has: " + ", ".join(sorted(record))
-                        + "); set dataset.sources[].fields")
+        by_role: dict[str, list[str]] = {}
+        for key, role in fields.items():
+            by_role.setdefault(role, []).append(_text(record, key, where))
+        if fields == SEED_FIELDS:  # the seed's optional columns
+            if isinstance(record.get("input"), str) and record["input"].strip():
+                by_role["user"].append(record["input"])
+            if isinstance(record.get("system"), str) and record["system"].strip():
+                by_role["system"] = [record["system"]]
+        messages = [{"role": role, "content": "\n\n".join(by_role[role])}
+                    for role in ("system", "user", "assistant") if role in by_role]
     assistants = [m for m in messages if m["role"] == "assistant"]
     if not assistants:
         raise BadRecord(where, "no_assistant", "no assistant turn: nothing to train on")

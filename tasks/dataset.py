@@ -61,11 +61,14 @@ def normalise(index: int, settings: DatasetSettings, fp: dict[str, Any], path: P
     eligible: list[int] = []
     records = kept = 0
     rows: list[dict[str, Any]] = []
+    fields = source.fields
     with pa.ipc.new_file(str(path), SCHEMA) as writer:
         for where, record in data_sources.read_source(source, fp, f"{field}.path"):
             records += 1
+            if not fields and not isinstance(record, BadRecord):
+                fields = data_sources.detect_fields(record, f"{field}: {where}")
             try:
-                messages = data_sources.to_messages(record, source.fields, where)
+                messages = data_sources.to_messages(record, fields, where)
             except BadRecord as e:
                 if settings.on_bad_sample == "error":
                     raise UserError(f"{field}: {e} (or set dataset.on_bad_sample: skip to drop "

@@ -100,6 +100,40 @@ def build(ctx: BuildContext) -> None:
                      for split, s in stats["splits"].items()})
 
 
+def tokenize_files(data: str, fields: dict[str, str], tokenizer_dir: Path, out: Path,
+                   settings: TokenizeSettings, log) -> dict[str, Any]:
+    """`rsft tokenize`: the stage alone on one file or folder (normalised as the `dataset` stage
+    does, without mixing or a test split), into `out` (written beside it, then renamed)."""
+    import logging
+    import os
+    import shutil
+
+    from settings.models import DatasetSettings, DatasetSource
+    from tasks import dataset
+    from tasks.stage import BuildContext
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    data_settings = DatasetSettings(sources=[DatasetSource(path=data, fields=fields)])
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / ".dataset").mkdir(parents=True)
+    try:
+        dataset.build(BuildContext(data_settings, tmp / ".dataset", {},
+                                   dataset.fingerprint(data_settings), {},
+                                   log or logging.getLogger("rsft.dataset")))
+        stats = tokenize_dataset(settings, {"train": tmp / ".dataset" / "train.parquet"},
+                                 tokenizer_dir, tmp, log)
+        shutil.rmtree(tmp / ".dataset")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
 def _rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"split": split, "samples in": s["samples_in"], "samples out": s["samples_out"],
              "dropped": sum(s["dropped"].values()), "truncated": s["truncated"],

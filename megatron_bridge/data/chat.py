@@ -114,16 +114,20 @@ class ChatMasker:
 
     def _span(self, prompt: str, turn: str, full: str, ids: dict[str, np.ndarray],
               content: str) -> tuple[int, int]:
-        if not turn.startswith(prompt) or not full.startswith(turn):
-            raise TemplateError(
-                "the chat template does not render the prompt (with its generation prompt) as a "
-                "prefix of the conversation, so the answer cannot be located; use a template whose "
-                "generation prompt matches the assistant turn (patch_tokenizer.chat_template_file)")
-        if content.strip() not in turn[len(prompt):]:
+        if content.strip() not in turn:
             raise TemplateError(
                 "the chat template rewrites the assistant answer (e.g. DeepSeek-R1's cuts the "
                 "reasoning before </think>); set patch_tokenizer.keep_reasoning: true or use "
                 "another template")
+        if not turn.startswith(prompt) or not full.startswith(turn):
+            raise TemplateError(
+                "the chat template does not render the prompt (with its generation prompt) as a "
+                "prefix of the conversation, so the answer cannot be located (e.g. R1's generation "
+                "prompt forces <think>\\n); set patch_tokenizer.generation_prompt_suffix or "
+                "patch_tokenizer.chat_template_file")
+        if content.strip() not in turn[len(prompt):]:
+            raise TemplateError("the chat template renders the assistant answer outside its turn; "
+                                "use another template (patch_tokenizer.chat_template_file)")
         p, t, f = ids[prompt], ids[turn], ids[full]
         if not (len(p) <= len(t) <= len(f) and np.array_equal(t[:len(p)], p)
                 and np.array_equal(f[:len(t)], t)):

@@ -59,9 +59,11 @@ class SFTDataset:
             raise FileNotFoundError(f"tokenized dataset is incomplete: {missing[0]} is missing")
         self.tokens = IndexedDataset(str(Path(prefix).with_name(Path(prefix).name + "-tokens")))
         self.mask = IndexedDataset(str(Path(prefix).with_name(Path(prefix).name + "-mask")))
-        self.rows = self.tokens.document_indices
+        # Copies: views into the index's mmap would dangle once this object is gone.
+        self.rows = np.array(self.tokens.document_indices)
+        self.lengths = np.array(self.tokens.sequence_lengths)
         if not np.array_equal(self.rows, self.mask.document_indices) or not np.array_equal(
-                self.tokens.sequence_lengths, self.mask.sequence_lengths):
+                self.lengths, self.mask.sequence_lengths):
             raise ValueError(f"{prefix}: tokens and mask datasets do not have the same layout")
 
     def __len__(self) -> int:
@@ -69,7 +71,7 @@ class SFTDataset:
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         first, last = int(self.rows[i]), int(self.rows[i + 1])
-        lengths = self.tokens.sequence_lengths[first:last]
+        lengths = self.lengths[first:last]
         tokens = np.concatenate([self.tokens[j] for j in range(first, last)])
         mask = np.concatenate([self.mask[j] for j in range(first, last)])
         return tokens, mask, lengths

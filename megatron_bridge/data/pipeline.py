@@ -175,6 +175,8 @@ def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Op
         stats.lengths.append(len(ids))
     writer.finalize()
     try:
+        if stats.samples_out == 0:  # nothing to write (the caller decides if that is an error)
+            return stats.summary()
         rows = (best_fit_decreasing(np.asarray(stats.lengths), limit) if options.pack
                 else [[i] for i in range(len(stats.lengths))])
         stats.rows = len(rows)
