@@ -86,7 +86,10 @@ class PatchTokenizerSettings(Strict):
     generation_prompt_suffix: str | None = ""
     """What follows the assistant tag in the generation prompt. `""` (default): nothing, so the
     model picks `<think>` or `<short>` itself, exactly as in training data; `"\\n"`: the seed's
-    template; null: leave the template's generation prompt as it is (R1: `<think>\\n`)."""
+    template; null: leave the template's generation prompt as it is (R1: `<think>\\n`). The
+    `tokenize` stage trains only with a generation prompt that is a prefix of the assistant turn
+    (else inference prompts differ from training), so only `""` works for `<think>`/`<short>`
+    answers."""
 
     chat_template_file: Path | None = None
     """Replace the chat template with the Jinja template in this file (applied before the edits

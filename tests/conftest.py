@@ -81,9 +81,10 @@ def full_disk(tmp_path: Path):
 
 
 def make_hf_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT,
-                  names: list[str] | None = None) -> None:
-    """The layout huggingface_hub writes: blobs by hash, snapshots of symlinks, refs/main."""
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+                  names: list[str] | None = None, repo_type: str = "model") -> None:
+    """The layout huggingface_hub writes: blobs by hash, snapshots of symlinks, refs/main.
+    `names` are paths relative to `source` (default: its top-level files)."""
+    repo_dir = cache / f"{repo_type}s--{repo.replace('/', '--')}"
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(commit)
     snapshot = repo_dir / "snapshots" / commit
@@ -93,7 +94,9 @@ def make_hf_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT,
         data = (source / name).read_bytes()
         blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
 
 
 @pytest.fixture

@@ -83,7 +83,10 @@ def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
         assert not list(stage_dir.glob("*/manifest.json"))  # nothing a later run would trust
     listing = rsft("stages", "--set", f"workdir={work}", cwd=tmp_path,
                    env={**cli_env, "COLUMNS": "300"}, check=True).stdout
-    assert listing.count("not built") == 2  # download finished in the 2nd run; the rest never did
+    from tasks import STAGE_NAMES
+
+    # download finished in the 2nd run; the rest never did
+    assert listing.count("not built") == len(STAGE_NAMES) - 1
     rsft("run", "--set", f"workdir={work}", "--until", "patch_tokenizer", cwd=tmp_path,
          env=cli_env, check=True)
     assert not list(work.glob("artifacts/*/.tmp-*"))  # the dead builders' leftovers are swept
@@ -97,8 +100,9 @@ def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ROOT / rel, repo / rel)
     assert not (repo.parent.parent / "shared").exists()
-    rsft("run", cwd=repo, env={**cli_env, "PYTHONPATH": str(repo)}, check=True)
+    rsft("run", cwd=repo, env={**cli_env, "PYTHONPATH": str(repo)}, check=True, timeout=600)
     clean = repo / "rsft-work"
+    assert all(list((clean / "artifacts" / s).glob("*/manifest.json")) for s in STAGE_NAMES)
     for stage in ("download", "patch_tokenizer"):
         a = next((work / "artifacts" / stage).glob("*/manifest.json")).read_text()
         b = next((clean / "artifacts" / stage).glob("*/manifest.json")).read_text()

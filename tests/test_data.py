@@ -94,16 +94,7 @@ def test_hub_dataset_offline_from_the_cache_pins_the_commit(tmp_path, offline_hu
     (src / "data").mkdir(parents=True)
     write_jsonl(src / "data" / "train.jsonl", [{"instruction": f"Q{i}", "output": f"A{i}"}
                                                for i in range(5)])
-    repo_dir = offline_hub / "datasets--org--sft"
-    make_hf_cache(offline_hub, "org/sft", src / "data", names=["train.jsonl"])
-    # make_hf_cache writes a model repo; move it to the dataset layout with a data/ folder
-    shutil.move(offline_hub / "models--org--sft", repo_dir)
-    snap = repo_dir / "snapshots" / COMMIT
-    (snap / "data").mkdir()
-    (snap / "train.jsonl").rename(snap / "data" / "train.jsonl")
-    (snap / "data" / "train.jsonl").unlink()
-    (snap / "data" / "train.jsonl").symlink_to(
-        "../../../blobs/" + next((repo_dir / "blobs").iterdir()).name)
+    make_hf_cache(offline_hub, "org/sft", src, names=["data/train.jsonl"], repo_type="dataset")
     s = DatasetSettings(sources=[DatasetSource(path="hf://org/sft")])
     assert dataset.fingerprint(s)["sources"][0] == {"repo": "org/sft", "commit": COMMIT}
     stats = build_dataset(tmp_path / "out", sources=[DatasetSource(path="hf://org/sft")])

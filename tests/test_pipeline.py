@@ -132,6 +132,16 @@ def test_unpatchable_tokenizer_fails_in_one_line_and_publishes_nothing(tmp_path,
     assert not list((tmp_path / "work" / "artifacts" / "patch_tokenizer").glob("[!.]*"))
 
 
+def test_bad_dataset_record_fails_in_one_line_and_publishes_nothing(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "Q", "output": "A"}\n{"instruction": "Q", "output": \n')
+    state, states, _ = run(tmp_path / "work", f"dataset.sources=[{{path: {data}}}]",
+                           until="dataset")
+    assert state.is_failed() and states["dataset"] == "Failed"
+    assert f"{data}:2: malformed JSON" in state.message and "\n" not in state.message
+    assert not list((tmp_path / "work" / "artifacts" / "dataset").glob("[!.]*"))
+
+
 def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_model_dir,
                                                                    offline_hub, caplog):
     from prefect.blocks.system import Secret
@@ -173,16 +183,23 @@ def test_a_moved_workdir_is_reused_without_rebuilding(tmp_path):
 def test_convert_stage_verifies_and_reports(tmp_path):
     state, states, artifacts = run(tmp_path, until=None)  # the whole pipeline
     assert state.is_completed(), state.message
-    assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed"}
-    assert {"convert-report", "patch-tokenizer-report"} <= artifacts
+    assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed",
+                      "dataset": "Completed", "tokenize": "Completed"}
+    assert {"convert-report", "patch-tokenizer-report", "dataset-report", "tokenize-report",
+            "tokenize-summary"} <= artifacts
     convert = state.result()["convert"]
     assert convert.inputs == {"download": state.result()["download"].content_hash}
     assert convert.meta["dtype"] == "bfloat16"  # the source's, kept
     assert convert.meta["max_abs_diff"] <= 1e-5 and convert.meta["top1_agreement"] == 1.0
     assert (convert.dir / "latest_checkpointed_iteration.txt").read_text() == "release"
-    # Editing the chat template does not reconvert the weights.
-    _, states, _ = run(tmp_path, "patch_tokenizer.generation_prompt_suffix=null", until=None)
-    assert states == {"download": "Cached", "patch_tokenizer": "Completed", "convert": "Cached"}
+    tokenize = state.result()["tokenize"]
+    assert tokenize.inputs == {"dataset": state.result()["dataset"].content_hash,
+                               "patch_tokenizer": state.result()["patch_tokenizer"].content_hash}
+    assert tokenize.meta["train"]["samples_out"] > 50 and (tokenize.dir / "lengths.png").is_file()
+    # A tokenizer edit re-tokenizes but neither reconverts the weights nor rebuilds the data.
+    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]", until=None)
+    assert states == {"download": "Cached", "patch_tokenizer": "Completed", "convert": "Cached",
+                      "dataset": "Cached", "tokenize": "Completed"}
 
 
 def test_convert_failing_its_verification_publishes_nothing(tmp_path):

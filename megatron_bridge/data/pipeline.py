@@ -92,7 +92,10 @@ def count_rows(parquet: Path) -> int:
 def encoded(parquet: Path, tokenizer_dir: Path, options: Options
             ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
     """(location, (ids, mask)) per sample, in dataset order."""
-    workers = options.workers or os.cpu_count() or 1
+    chunks_total = -(-count_rows(parquet) // CHUNK)
+    # A pool costs seconds of start-up (spawned interpreters import transformers): not worth it
+    # for a couple of chunks. The bytes are the same either way.
+    workers = min(options.workers or os.cpu_count() or 1, max(chunks_total // 2, 1))
     chunks = read_chunks(parquet)
     if workers == 1:
         masker = make_masker(tokenizer_dir, options)
