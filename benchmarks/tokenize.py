@@ -28,19 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from megatron_bridge.data.chat import ChatMasker  # noqa: E402
-from megatron_bridge.data.packing import best_fit_decreasing  # noqa: E402
-from megatron_bridge.data.pipeline import CHUNK, Options, tokenize_split  # noqa: E402
+from megatron_bridge.data.chat import ChatMasker
+from megatron_bridge.data.packing import best_fit_decreasing
+from megatron_bridge.data.pipeline import CHUNK, Options, tokenize_split
 
 # Anything heavier is imported inside functions: the pipeline's spawned workers re-import this
 # script (as __mp_main__), and its imports would be counted as the pipeline's start-up.
@@ -149,7 +149,7 @@ def main() -> None:
     if stats["tokens"] != tokens:
         print(f"NOTE: the pipeline kept {stats['tokens']} of {tokens} tokens "
               f"(dropped: {stats['dropped']})")
-    runs = lambda times: "runs " + " ".join(f"{x:.2f}" for x in times) + " s"  # noqa: E731
+    runs = lambda times: "runs " + " ".join(f"{x:.2f}" for x in times) + " s"
     rows = [("raw encode_batch", tokens, min(raw), f"rendered text, Rust threads; {runs(raw)}"),
             ("raw encode_batch_fast", tokens, min(fast), f"the call ChatMasker makes; {runs(fast)}"),
             ("pipeline (wall)", stats["tokens"], min(wall),
