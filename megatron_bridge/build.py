@@ -68,9 +68,10 @@ def use_te() -> bool:
 
 
 def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-                initialize: bool = False, parallel_output: bool = True):
+                initialize: bool = False, parallel_output: bool = True, **config_overrides):
     """This rank's GPTModel (model-parallel groups must be initialised). Weights are left
-    uninitialised unless `initialize` (a converter overwrites them all anyway)."""
+    uninitialised unless `initialize` (a converter overwrites them all anyway).
+    `config_overrides` are extra TransformerConfig fields (training: recompute, loss options)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -90,6 +91,7 @@ def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype
         # Fused kernels are CUDA-only; on GPU TE provides its own.
         bias_activation_fusion=not cpu, bias_dropout_fusion=not cpu, masked_softmax_fusion=not cpu,
         apply_rope_fusion=False, persist_layer_norm=not cpu, gradient_accumulation_fusion=False,
+        **config_overrides,
     )
     if use_te():
         spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)

@@ -232,7 +232,17 @@ class TrainSettings(Strict):
     nproc_per_node: int = Field(default=1, ge=1)
     """Processes (GPUs) per node."""
     nnodes: int = Field(default=1, ge=1)
-    """Nodes in the torchrun job."""
+    """Nodes in the torchrun job (each runs the stage's torchrun command with its node rank)."""
+    node_rank: int = not_in_key(default=0, ge=0)
+    """This node's rank in a multi-node job."""
+    master_addr: str = not_in_key(default="127.0.0.1")
+    """Rendezvous host of a multi-node job (node 0's address)."""
+    master_port: int = not_in_key(default=0, ge=0)
+    """Rendezvous port (0: a free port, single node only)."""
+    tensor_parallel: int = Field(default=1, ge=1)
+    """Tensor-parallel size of training (any layout loads the converted checkpoint)."""
+    pipeline_parallel: int = Field(default=1, ge=1)
+    """Pipeline-parallel size of training (GPU only: megatron-core's schedules need CUDA)."""
     train_iters: int = Field(default=40, ge=1)
     """Optimizer steps."""
     global_batch_size: int = Field(default=8, ge=1)
@@ -262,7 +272,13 @@ class TrainSettings(Strict):
     use_distributed_optimizer: bool = False
     """Megatron DistributedOptimizer (shards optimizer state over data-parallel ranks; GPU only)."""
     save_interval: int = Field(default=20, ge=1)
-    """Checkpoint every N steps (and at the end)."""
+    """Checkpoint every N steps (and at the end); a crash loses at most N steps."""
+    keep_last: int = Field(default=2, ge=1)
+    """Checkpoints kept while training (older ones are deleted)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (GPU): trade compute for memory at long sequence lengths."""
+    timeout_minutes: float = not_in_key(default=24 * 60, gt=0)
+    """Kill the training job (all its processes) after this long; a rerun resumes."""
     seed: int = 1234
     """Model-init / dropout / data-order seed."""
     log_interval: int = not_in_key(default=1, ge=1)

@@ -135,6 +135,11 @@ class ArtifactStore:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def scratch(self, stage: str, key: str) -> Path:
+        """`<workdir>/scratch/<stage>/<key>`: a stage's resumable work in progress (training
+        checkpoints), kept across failed attempts and never read as an artifact."""
+        return self.root.parent / "scratch" / stage / key
+
     def lock(self, stage: str, key: str) -> FileLock:
         """Serialises builders of one artifact across processes. An OS lock (flock): a killed
         holder releases it, so a crash never blocks the rerun."""

@@ -43,6 +43,8 @@ class BuildContext:
     meta: dict[str, Any]
     """Facts to record in the manifest (must be deterministic for the same inputs)."""
     log: logging.Logger
+    scratch: Path | None = None
+    """Persistent per-key work directory (resumable progress such as training checkpoints)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
                 why = "its upstream artifacts changed"
             log.info("%s: building %s (%s)", stage.name, store.path(stage.name, plan.key), why)
         with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version) as build:
-            stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log))
+            stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log,
+                                     store.scratch(stage.name, plan.key)))
     finally:
         lock.release()
     assert build.manifest is not None
