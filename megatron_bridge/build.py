@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_bridge.compat import cpu_only
-from megatron_bridge.models import Geometry, architecture_for
+from megatron_bridge.models import Architecture, Geometry, Kind, architecture_for
+
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the next linear layer.
+TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+class ConversionError(ValueError):
+    """Weights that do not fit the config or table, or a missing/corrupt shard (one line)."""
+
 
 VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,4 +115,39 @@ def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype
     model = GPTModel(config, spec, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), parallel_output=parallel_output,
                      **model_kwargs)
+    mark_tensor_parallel(model, hf)
     return model.to(dtype)
+
+
+def param_rows(model, arch: Architecture, tied: bool):
+    """(parameter, table row, HF names) for every parameter of the model."""
+    table = {p.megatron: p for p in arch.params}
+    layers = model.decoder.layers if hasattr(model, "decoder") else []
+    for name, param in model.named_parameters():
+        layer = None
+        template = name
+        if m := _LAYER.match(name):
+            local, rest = int(m[1]), m[2]
+            layer = layers[local].layer_number - 1  # global index under pipeline parallelism
+            template = f"decoder.layers.{{L}}.{TE_ALIASES.get(rest, rest)}"
+        row = table.get(template)
+        if row is None:
+            raise ConversionError(f"megatron parameter {name} has no mapping in the {arch.name} "
+                                  "table (megatron_bridge/models)")
+        hf_names = tuple(n.format(L=layer) for n in row.hf)
+        if tied and template == "output_layer.weight":
+            hf_names = ("model.embed_tokens.weight",)
+        yield param, row, hf_names
+
+
+def mark_tensor_parallel(model, hf: dict[str, Any]) -> None:
+    """Set megatron's `tensor_model_parallel`/`partition_dim` attributes on every sharded
+    parameter, from the architecture table. Megatron sets them while initialising weights, which
+    a converted model skips; gradient-norm clipping relies on them to count shards once."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    dims = {Kind.COLUMN: 0, Kind.QKV: 0, Kind.GATED_MLP: 0, Kind.VOCAB: 0, Kind.ROW: 1}
+    tied = bool(hf.get("tie_word_embeddings", False))
+    for param, row, _ in param_rows(model, architecture_for(hf), tied):
+        if row.kind in dims and not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, True, dims[row.kind], 1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,22 +19,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from megatron_bridge import checkpoint
-from megatron_bridge.build import (DTYPES, build_model, check_layout, geometry, hf_dtype,
-                                   read_hf_config)
+from megatron_bridge.build import (DTYPES, ConversionError, build_model, check_layout, geometry,
+                                   hf_dtype, param_rows, read_hf_config)
 
 from megatron_bridge.models import Architecture, Geometry, architecture_for, to_hf, to_megatron
 from megatron_bridge.parallel import model_parallel
 
-# Transformer Engine fuses the pre-attention / pre-MLP norms into the next linear layer.
-TE_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-class ConversionError(ValueError):
-    """Weights that do not fit the config or table, or a missing/corrupt shard (one line)."""
 
 
 SAFETENSORS_DTYPES = {
@@ -105,27 +94,6 @@ class HFWeights:
                 f.seek(base + start)
                 f.readinto(tensor.view(-1).view(torch.uint8).numpy())
         return tensor
-
-
-def param_rows(model, arch: Architecture, tied: bool):
-    """(parameter, table row, HF names) for every parameter of the model."""
-    table = {p.megatron: p for p in arch.params}
-    layers = model.decoder.layers if hasattr(model, "decoder") else []
-    for name, param in model.named_parameters():
-        layer = None
-        template = name
-        if m := _LAYER.match(name):
-            local, rest = int(m[1]), m[2]
-            layer = layers[local].layer_number - 1  # global index under pipeline parallelism
-            template = f"decoder.layers.{{L}}.{TE_ALIASES.get(rest, rest)}"
-        row = table.get(template)
-        if row is None:
-            raise ConversionError(f"megatron parameter {name} has no mapping in the {arch.name} "
-                                  "table (megatron_bridge/models)")
-        hf_names = tuple(n.format(L=layer) for n in row.hf)
-        if tied and template == "output_layer.weight":
-            hf_names = ("model.embed_tokens.weight",)
-        yield param, row, hf_names
 
 
 @torch.no_grad()

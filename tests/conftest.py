@@ -39,6 +39,18 @@ def r1_tokenizer_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def patched_tokenizer(tmp_path_factory) -> Path:
+    """The R1 tokenizer patched as the tiny preset does (`<short>`, full reasoning kept)."""
+    from settings.loader import load_settings
+    from tasks.patch_tokenizer import patch_folder
+
+    out = tmp_path_factory.mktemp("patched") / "tokenizer"
+    shutil.copytree(R1_TOKENIZER, out)
+    patch_folder(out, load_settings("tiny", []).patch_tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The built-in tiny Qwen2 as a plain HF folder (read-only for tests: copy before editing)."""
     from tasks.builtin_models import build_builtin

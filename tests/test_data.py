@@ -20,7 +20,6 @@ from megatron_bridge.data.pipeline import Options, tokenize_split
 from settings.errors import UserError
 from settings.models import DatasetSettings, DatasetSource, PatchTokenizerSettings, TokenizeSettings
 from tasks import dataset
-from tasks.patch_tokenizer import patch_folder
 from tasks.stage import BuildContext
 from tasks.tokenize import tokenize_dataset, tokenize_files
 from tests.conftest import COMMIT, R1_TOKENIZER, SHARED_ASSETS, make_hf_cache
@@ -28,17 +27,6 @@ from tests.conftest import COMMIT, R1_TOKENIZER, SHARED_ASSETS, make_hf_cache
 TRACES = SHARED_ASSETS / "data" / "openmathreasoning_r1_505.jsonl"
 TRACE_FIELDS = {"problem": "user", "generated_solution": "assistant"}
 LOG = logging.getLogger("test")
-
-
-@pytest.fixture(scope="session")
-def patched_tokenizer(tmp_path_factory) -> Path:
-    """The R1 tokenizer patched as the tiny preset does (`<short>`, full reasoning kept)."""
-    from settings.loader import load_settings
-
-    out = tmp_path_factory.mktemp("patched") / "tokenizer"
-    shutil.copytree(R1_TOKENIZER, out)
-    patch_folder(out, load_settings("tiny", []).patch_tokenizer)
-    return out
 
 
 def build_dataset(out: Path, **settings) -> dict:

@@ -144,7 +144,7 @@ def test_sharded_hf_input_and_sharded_export(tmp_path):
 
 def test_every_table_row_is_used_by_some_family(tmp_path):
     from megatron_bridge.build import build_model
-    from megatron_bridge.convert import param_rows
+    from megatron_bridge.build import param_rows
     from megatron_bridge.parallel import model_parallel
 
     used: dict[str, set[str]] = {a.name: set() for a in ARCHITECTURES}

@@ -21,7 +21,7 @@ import torch
 from megatron_bridge.training.job import JobError, TrainJob
 from settings.models import DatasetSource, TokenizeSettings
 from tests.conftest import ROOT
-from tests.test_data import LOG, TRACE_FIELDS, TRACES, build_dataset, patched_tokenizer  # noqa: F401
+from tests.test_data import LOG, TRACE_FIELDS, TRACES, build_dataset
 
 SEQ = 256
 
@@ -36,7 +36,7 @@ def converted(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(patched_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
+def data(patched_tokenizer, tmp_path_factory) -> Path:
     """8 real traces, truncated to 256-token rows (the prompt and the start of each answer)."""
     from tasks.tokenize import tokenize_dataset
 
@@ -98,7 +98,7 @@ def stepper(converted, data, tmp_path):
     with model_parallel(1, 1, seed=0):
         model = build_model(meta["hf_config"], 1, 1, torch.float32)
         checkpoint.load(model, converted)
-        yield CpuStepper(model, job(converted, data, tmp_path / "s"))
+        yield CpuStepper(model, job(converted, data, tmp_path / "s"), meta["vocab_size"])
 
 
 def loss_and_grads(stepper, micro_batches):

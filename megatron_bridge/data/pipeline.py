@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_bridge.data.chat import ChatMasker, TemplateError
+from megatron_bridge.data.chat import ChatMasker
 from megatron_bridge.data.indexed import SFTWriter, paths
 from megatron_bridge.data.packing import best_fit_decreasing
 

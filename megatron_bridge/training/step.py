@@ -28,11 +28,28 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Cross-entropy [b, s] from this TP rank's vocabulary slice of the logits [b, s, v/TP].
+
+    The vocabulary is padded to a multiple of 128×TP; the padding's logits are excluded (set to
+    −inf) so the loss is the true model's whatever the TP size (Megatron-LM leaves them in the
+    softmax, which makes TP=2 differ from TP=1)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * local
+    if start + local > vocab_size:
+        logits[..., max(vocab_size - start, 0):] = float("-inf")
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+
 class CpuStepper:
-    def __init__(self, model, job: TrainJob):
+    def __init__(self, model, job: TrainJob, vocab_size: int):
         from megatron.core import parallel_state as ps
 
         self.model = model
+        self.vocab_size = vocab_size
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for n, p in self.named if not no_weight_decay(n, p)],
@@ -47,7 +64,8 @@ class CpuStepper:
 
     def losses(self, mb: MicroBatch) -> torch.Tensor:
         """Per-token cross-entropy [b, s] (vocab-parallel under TP)."""
-        return self.model(mb.tokens, mb.position_ids, mb.attention_mask(), labels=mb.labels)
+        logits = self.model(mb.tokens, mb.position_ids, mb.attention_mask())
+        return per_token_loss(logits, mb.labels, self.vocab_size)
 
     def step(self, micro_batches: list[MicroBatch], lr: float) -> dict[str, Any]:
         self.model.train()
@@ -103,11 +121,12 @@ class CpuStepper:
 class GpuStepper:
     """megatron-core's own machinery (imported only here, on GPU)."""
 
-    def __init__(self, model, job: TrainJob):
+    def __init__(self, model, job: TrainJob, vocab_size: int):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.job = job
+        self.vocab_size = vocab_size
         self.module = model
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True,
@@ -135,12 +154,12 @@ class GpuStepper:
             longest = int((cu[1:] - cu[:-1]).max())
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=longest, max_seqlen_kv=longest)
-            mask = mb.loss_mask.cuda()
+            mask, labels = mb.loss_mask.cuda(), mb.labels.cuda()
             output = model(mb.tokens.cuda(), mb.position_ids.cuda(), None,
-                           labels=mb.labels.cuda(), packed_seq_params=packed)
+                           packed_seq_params=packed)
 
-            def loss_func(per_token: torch.Tensor):
-                loss = (per_token.float() * mask).sum()
+            def loss_func(logits: torch.Tensor):  # last pipeline stage only
+                loss = (per_token_loss(logits, labels, self.vocab_size) * mask).sum()
                 count = mask.sum().to(torch.int)
                 # calculate_per_token_loss: the schedule divides by the global token count
                 return loss, count, {"lm loss": torch.stack([loss.detach(), count.float()])}

@@ -77,7 +77,7 @@ def run(job: TrainJob) -> None:
                             **overrides)
         if gpu:
             model = model.cuda()
-        stepper = GpuStepper(model, job) if gpu else CpuStepper(model, job)
+        stepper = (GpuStepper if gpu else CpuStepper)(model, job, meta["vocab_size"])
         save_dir = Path(job.save)
         start = state.latest_iteration(save_dir)
         trained_meta = {**meta, "dtype": str(DTYPES[job.precision]).split(".")[-1],
