@@ -61,6 +61,29 @@ class ChatMasker:
         self.supervise_control_token = supervise_control_token
         self._hf = hf
 
+    def spec(self) -> dict[str, Any]:
+        """Everything a worker process needs, picklable: rebuilding from it avoids loading
+        transformers' AutoTokenizer (which imports torch) in every worker."""
+        return {"template": self.template, "template_kwargs": self.template_kwargs,
+                "tokenizer": self.backend.to_str(), "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "assistant_turns": self.assistant_turns,
+                "control_ids": sorted(self.control_ids),
+                "supervise_control_token": self.supervise_control_token}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "ChatMasker":
+        from tokenizers import Tokenizer
+
+        self = cls.__new__(cls)
+        self.template, self.template_kwargs = spec["template"], spec["template_kwargs"]
+        self.backend = Tokenizer.from_str(spec["tokenizer"])
+        self.vocab_size, self.eos_id = spec["vocab_size"], spec["eos_id"]
+        self.assistant_turns = spec["assistant_turns"]
+        self.control_ids = set(spec["control_ids"])
+        self.supervise_control_token = spec["supervise_control_token"]
+        self._hf = None
+        return self
+
     # -- text ------------------------------------------------------------------------------------
     def render(self, conversations: list[Messages], add_generation_prompt: bool) -> list[str]:
         from transformers.utils.chat_template_utils import render_jinja_template

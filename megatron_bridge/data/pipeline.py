@@ -48,10 +48,10 @@ class Options:
 _masker: ChatMasker | None = None
 
 
-def _init_worker(tokenizer_dir: str, options: Options) -> None:
+def _init_worker(spec: dict[str, Any]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
     global _masker
-    _masker = make_masker(Path(tokenizer_dir), options)
+    _masker = ChatMasker.from_spec(spec)
 
 
 def make_masker(tokenizer_dir: Path, options: Options) -> ChatMasker:
@@ -89,7 +89,7 @@ def count_rows(parquet: Path) -> int:
     return pq.ParquetFile(parquet).metadata.num_rows
 
 
-def encoded(parquet: Path, tokenizer_dir: Path, options: Options
+def encoded(parquet: Path, masker: ChatMasker, options: Options
             ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
     """(location, (ids, mask)) per sample, in dataset order."""
     chunks_total = -(-count_rows(parquet) // CHUNK)
@@ -98,13 +98,12 @@ def encoded(parquet: Path, tokenizer_dir: Path, options: Options
     workers = min(options.workers or os.cpu_count() or 1, max(chunks_total // 2, 1))
     chunks = read_chunks(parquet)
     if workers == 1:
-        masker = make_masker(tokenizer_dir, options)
         for batch, where in chunks:
             yield from zip(where, masker.encode(batch))
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe under Prefect's threads
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(tokenizer_dir), options)) as pool:
+                             initargs=(masker.spec(),)) as pool:
         pending: list[tuple[Any, list[str]]] = []
         for batch, where in chunks:
             pending.append((pool.submit(_encode_chunk, batch), where))
@@ -156,7 +155,7 @@ def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Op
     staging = prefix.with_name(prefix.name + ".staging")
     writer = SFTWriter(staging)
     limit = options.seq_length
-    for where, (ids, mask) in encoded(parquet, tokenizer_dir, options):
+    for where, (ids, mask) in encoded(parquet, make_masker(tokenizer_dir, options), options):
         stats.samples_in += 1
         on_progress(1)
         if len(ids) > limit:
