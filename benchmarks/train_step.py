@@ -18,7 +18,7 @@ fall on both. Also shown: the batch building the trainer does outside the step (
 read + pack), and ours' extra pieces timed alone on real gradients.
 Target: ours ≤ 1.10× bare step time (median; the median of the per-pair ratios is shown too).
 
-    python benchmarks/train_step.py [--layers 4] [--hidden 256] [--seq 512] [--micro 2] [--steps 10]
+    python benchmarks/train_step.py [--layers 2] [--hidden 64] [--seq 512] [--micro 2] [--steps 10]
 """
 
 from __future__ import annotations
