@@ -100,7 +100,8 @@ def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ROOT / rel, repo / rel)
     assert not (repo.parent.parent / "shared").exists()
-    rsft("run", cwd=repo, env={**cli_env, "PYTHONPATH": str(repo)}, check=True, timeout=600)
+    rsft("run", "--set", "train.train_iters=2", "--set", "train.save_interval=2", cwd=repo,
+         env={**cli_env, "PYTHONPATH": str(repo)}, check=True, timeout=600)
     clean = repo / "rsft-work"
     assert all(list((clean / "artifacts" / s).glob("*/manifest.json")) for s in STAGE_NAMES)
     for stage in ("download", "patch_tokenizer"):

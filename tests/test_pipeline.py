@@ -22,7 +22,9 @@ def run(workdir: Path, *overrides: str, **selection):
     """The pipeline up to patch_tokenizer unless told otherwise (convert has its own tests)."""
     if not {"until", "only", "from_stage"} & selection.keys():  # until=None: everything
         selection["until"] = "patch_tokenizer"
-    settings = load_settings("tiny", [f"workdir={workdir}", *overrides])
+    # Two short training steps: the trainer has its own tests; here it is the wiring.
+    quick = ["train.train_iters=2", "train.save_interval=1", "train.lr_warmup_iters=1"]
+    settings = load_settings("tiny", [f"workdir={workdir}", *quick, *overrides])
     state = sft_pipeline(settings=settings, return_state=True, **selection)
     with get_client(sync_client=True) as client:
         flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
@@ -184,9 +186,12 @@ def test_convert_stage_verifies_and_reports(tmp_path):
     state, states, artifacts = run(tmp_path, until=None)  # the whole pipeline
     assert state.is_completed(), state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed",
-                      "dataset": "Completed", "tokenize": "Completed"}
+                      "dataset": "Completed", "tokenize": "Completed", "train": "Completed"}
     assert {"convert-report", "patch-tokenizer-report", "dataset-report", "tokenize-report",
-            "tokenize-summary"} <= artifacts
+            "tokenize-summary", "train-report", "train-summary", "train-progress"} <= artifacts
+    train = state.result()["train"]
+    assert train.meta["iterations"] == 2 and (train.dir / "loss.png").is_file()
+    assert (train.dir / "latest_checkpointed_iteration.txt").read_text() == "2"
     convert = state.result()["convert"]
     assert convert.inputs == {"download": state.result()["download"].content_hash}
     assert convert.meta["dtype"] == "bfloat16"  # the source's, kept
@@ -197,7 +202,7 @@ def test_convert_stage_verifies_and_reports(tmp_path):
                                "patch_tokenizer": state.result()["patch_tokenizer"].content_hash}
     assert tokenize.meta["train"]["samples_out"] > 50 and (tokenize.dir / "lengths.png").is_file()
     # A tokenizer edit re-tokenizes but neither reconverts the weights nor rebuilds the data.
-    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]", until=None)
+    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]", until="tokenize")
     assert states == {"download": "Cached", "patch_tokenizer": "Completed", "convert": "Cached",
                       "dataset": "Cached", "tokenize": "Completed"}
 

@@ -81,12 +81,13 @@ class CpuStepper:
             loss_sum += loss.detach().double()
         dist.all_reduce(loss_sum, group=self.dp_group)
         grads = [p.grad for _, p in self.named]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.dp_group)  # the global sum: already token-normalised
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        if dist.get_world_size(self.dp_group) > 1:  # the global sum: already token-normalised
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         norm = self.grad_norm()
         if self.clip and norm > self.clip:
             for g in grads:
@@ -102,8 +103,8 @@ class CpuStepper:
         group, replicated parameters (identical on every TP rank) counted once."""
         sharded = torch.zeros((), dtype=torch.float64)
         replicated = torch.zeros((), dtype=torch.float64)
-        for _, p in self.named:
-            sq = p.grad.double().pow(2).sum()
+        for _, p in self.named:  # per-tensor norms in fp32 (as Megatron), summed in fp64
+            sq = torch.linalg.vector_norm(p.grad).double().pow(2)
             if getattr(p, "tensor_model_parallel", False):
                 sharded += sq
             else:
