@@ -63,6 +63,33 @@ def test_settings_show_and_stages(tmp_path, cli_env):
 
 
 @pytest.mark.slow
+def test_killed_training_resumes_from_its_latest_checkpoint_on_rerun(tmp_path, cli_env):
+    """kill -9 `rsft run` after the train stage has saved a checkpoint: the rerun of the same key
+    continues from it (no step before it is redone) and publishes the final checkpoint."""
+    work = tmp_path / "work"
+    args = ["run", "--set", f"workdir={work}", "--set", "train.train_iters=4", "--set",
+            "train.save_interval=1", "--set", "train.keep_last=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    trackers = []
+    while time.time() < deadline and not trackers:
+        trackers = list(work.glob("scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"))
+        assert proc.poll() is None, "rsft ended before training saved a checkpoint"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = int(trackers[0].read_text())
+    assert 1 <= saved < 4 and not list(work.glob("artifacts/train/[!.]*"))
+    rerun = rsft(*args, cwd=tmp_path, env=cli_env, check=True, timeout=900)
+    assert "resuming in" in rerun.stdout + rerun.stderr
+    assert f"training: steps {saved}..4" in rerun.stdout + rerun.stderr
+    (final,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
+    assert [json.loads(x)["step"] for x in final.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
     """Kill -9 `rsft run` while each stage is building; the rerun completes and every artifact
     matches an uninterrupted run."""

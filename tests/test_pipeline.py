@@ -202,9 +202,9 @@ def test_convert_stage_verifies_and_reports(tmp_path):
                                "patch_tokenizer": state.result()["patch_tokenizer"].content_hash}
     assert tokenize.meta["train"]["samples_out"] > 50 and (tokenize.dir / "lengths.png").is_file()
     # A tokenizer edit re-tokenizes but neither reconverts the weights nor rebuilds the data.
-    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]", until="tokenize")
+    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]", until=None)
     assert states == {"download": "Cached", "patch_tokenizer": "Completed", "convert": "Cached",
-                      "dataset": "Cached", "tokenize": "Completed"}
+                      "dataset": "Cached", "tokenize": "Completed", "train": "Completed"}
 
 
 def test_convert_failing_its_verification_publishes_nothing(tmp_path):
