@@ -151,7 +151,7 @@ def main() -> None:
               f"(dropped: {stats['dropped']})")
     runs = lambda times: "runs " + " ".join(f"{x:.2f}" for x in times) + " s"
     rows = [("raw encode_batch", tokens, min(raw), f"rendered text, Rust threads; {runs(raw)}"),
-            ("raw encode_batch_fast", tokens, min(fast), f"the call ChatMasker makes; {runs(fast)}"),
+            ("raw encode_batch_fast", tokens, min(fast), f"for comparison (ChatMasker uses encode_batch); {runs(fast)}"),
             ("pipeline (wall)", stats["tokens"], min(wall),
              f"tokenize_split, packed at {args.seq}; {runs(wall)}"),
             ("pipeline − start-up", stats["tokens"], min(wall) - min(startup),
