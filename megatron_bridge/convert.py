@@ -8,7 +8,6 @@ missing or mis-shaped is an error, never silently skipped.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -19,6 +18,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from megatron_bridge import checkpoint
+from megatron_bridge.files import staged_output
 from megatron_bridge.build import (DTYPES, ConversionError, build_model, check_layout, geometry,
                                    hf_dtype, param_rows, read_hf_config)
 
@@ -175,12 +175,7 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
         model = build_model(hf, 1, 1, dtype)
         checkpoint.load(model, mcore_dir)
         tensors = hf_tensors_from_model(model, arch, geometry(hf, 1), tied)
-    # Written next to the destination and renamed when complete: a failed export leaves no
-    # folder that looks like a model.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out) as tmp:  # a failed export leaves no folder that looks like a model
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
         for filename, names in split.filename_to_tensors.items():
             save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
@@ -193,10 +188,4 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
                 if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template",
                                                         "generation_config", "vocab", "merges"))):
                     shutil.copyfile(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"tensors": len(tensors), "shards": len(split.filename_to_tensors)}

@@ -29,6 +29,7 @@ from filelock import FileLock
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
+from megatron_bridge.files import fsync_path
 from settings.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -106,14 +107,6 @@ def ensure_free_space(path: Path, needed: int, what: str) -> None:
     if free < needed * 1.02 + (64 << 20):
         raise UserError(f"not enough disk space for {what}: needs {needed / 1e9:.2f} GB, "
                         f"{free / 1e9:.2f} GB free under {path}; free space or move workdir")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -221,13 +214,13 @@ class ArtifactStore:
             raise RuntimeError(f"artifact file {links[0]} is a symlink; stages must write real files")
         with progress(sum(f.stat().st_size for f in files), "hashing artifact") as bar:
             for file in files:
-                _fsync_path(file)
+                fsync_path(file)
                 size = file.stat().st_size
                 entries.append(FileEntry(path=file.relative_to(tmp).as_posix(), size=size,
                                          sha256=sha256_file(file)))
                 bar.update(size)
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            _fsync_path(d)
+            fsync_path(d)
         return entries
 
     @staticmethod
@@ -238,7 +231,7 @@ class ArtifactStore:
             os.rename(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
 
     @staticmethod
     def _write_manifest(final: Path, manifest: Manifest) -> None:
@@ -248,7 +241,7 @@ class ArtifactStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final / MANIFEST)
-        _fsync_path(final)
+        fsync_path(final)
 
     @staticmethod
     def _sweep_stale(stage_dir: Path) -> None:

@@ -105,32 +105,25 @@ def tokenize_files(data: str, fields: dict[str, str], tokenizer_dir: Path, out: 
     """`rsft tokenize`: the stage alone on one file or folder (normalised as the `dataset` stage
     does, without mixing or a test split), into `out` (written beside it, then renamed)."""
     import logging
-    import os
     import shutil
 
+    from megatron_bridge.files import staged_output
     from settings.models import DatasetSettings, DatasetSource
     from tasks import dataset
     from tasks.stage import BuildContext
 
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
     data_settings = DatasetSettings(sources=[DatasetSource(path=data, fields=fields)])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ".dataset").mkdir(parents=True)
     try:
-        dataset.build(BuildContext(data_settings, tmp / ".dataset", {},
-                                   dataset.fingerprint(data_settings), {},
-                                   log or logging.getLogger("rsft.dataset")))
-        stats = tokenize_dataset(settings, {"train": tmp / ".dataset" / "train.parquet"},
-                                 tokenizer_dir, tmp, log)
-        shutil.rmtree(tmp / ".dataset")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_output(out) as tmp:
+            (tmp / ".dataset").mkdir()
+            dataset.build(BuildContext(data_settings, tmp / ".dataset", {},
+                                       dataset.fingerprint(data_settings), {},
+                                       log or logging.getLogger("rsft.dataset")))
+            stats = tokenize_dataset(settings, {"train": tmp / ".dataset" / "train.parquet"},
+                                     tokenizer_dir, tmp, log)
+            shutil.rmtree(tmp / ".dataset")
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
     return stats
 
 

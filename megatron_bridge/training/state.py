@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge import checkpoint
+from megatron_bridge.files import fsync_path
 from megatron_bridge.training.job import JobError
 
 
@@ -41,14 +42,6 @@ def _layout() -> dict[str, int]:
     return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
             "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
             "data_parallel": ps.get_data_parallel_world_size()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(save_dir: Path, iteration: int, model, stepper, metadata: dict[str, Any],
@@ -81,13 +74,13 @@ def save(save_dir: Path, iteration: int, model, stepper, metadata: dict[str, Any
                 os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_path(root)
         (root / checkpoint.METADATA).write_text(json.dumps(
             {**metadata, "mapping_version": checkpoint.MAPPING_VERSION}, indent=2))
         tracker_tmp = root / f".{checkpoint.TRACKER}.tmp"
         tracker_tmp.write_text(str(iteration))
         tracker_tmp.rename(root / checkpoint.TRACKER)
-        _fsync_dir(root)
+        fsync_path(root)
         kept = sorted(p for p in root.glob("iter_*") if p.is_dir())
         for old in kept[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
