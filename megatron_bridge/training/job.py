@@ -83,6 +83,9 @@ class TrainJob:
                            "CUDA-only); use pipeline_parallel 1 on CPU")
         if self.device == "cpu" and self.precision != "fp32":
             raise JobError(f"train.precision={self.precision} needs a GPU; use fp32 on CPU")
+        if self.device == "cuda" and self.micro_batch_size != 1:
+            raise JobError("train.micro_batch_size must be 1 on GPU: a packed row is one THD "
+                           "sequence batch; raise global_batch_size instead")
         if self.use_distributed_optimizer and self.device != "cuda":
             raise JobError("train.use_distributed_optimizer needs CUDA (Megatron's optimizer)")
         hf = model_meta["hf_config"]
