@@ -68,7 +68,8 @@ def test_killed_training_resumes_from_its_latest_checkpoint_on_rerun(tmp_path, c
     continues from it (no step before it is redone) and publishes the final checkpoint."""
     work = tmp_path / "work"
     args = ["run", "--set", f"workdir={work}", "--set", "train.train_iters=4", "--set",
-            "train.save_interval=1", "--set", "train.keep_last=1"]
+            "train.save_interval=1", "--set", "train.keep_last=1", "--set",
+            "train.global_batch_size=1"]
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
