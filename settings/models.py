@@ -288,11 +288,21 @@ class TrainSettings(Strict):
     def _lr_order(self) -> "TrainSettings":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.global_batch_size % self.micro_batch_size:
+        world = self.nproc_per_node * self.nnodes
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if world % model_parallel:
+            raise ValueError(f"nproc_per_node × nnodes = {world} processes cannot hold "
+                             f"tensor_parallel × pipeline_parallel = {model_parallel}")
+        dp = world // model_parallel
+        if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})"
+                f"micro_batch_size × data-parallel size ({self.micro_batch_size} × {dp})"
             )
+        if self.device == "cpu" and (self.pipeline_parallel > 1 or self.precision != "fp32"
+                                     or self.use_distributed_optimizer):
+            raise ValueError("device cpu trains in fp32 without pipeline parallel or the "
+                             "distributed optimizer (those need CUDA); set device: cuda or auto")
         return self
 
 
