@@ -40,6 +40,12 @@ def test_overrides_parse_yaml_values():
     (["train.min_lr=1", "train.lr=0.1"], "min_lr (1.0) must not exceed lr (0.1)"),
     (["nonsense"], "expected KEY=VALUE"),
     (["train.lr.x=1"], "'train.lr' is not a section"),
+    (["train.nproc_per_node=2", "train.global_batch_size=3"],
+     "global_batch_size (3) must be a multiple of micro_batch_size × data-parallel size (1 × 2)"),
+    (["train.tensor_parallel=2"], "nproc_per_node × nnodes = 1 processes cannot hold"),
+    (["train.precision=bf16"], "device cpu trains in fp32"),
+    (["tokenize.seq_length=0"], "tokenize.seq_length = 0"),
+    (["dataset.sources=[]"], "dataset.sources"),
 ])
 def test_bad_overrides_name_the_field(overrides, fragment):
     with pytest.raises(UserError) as e:
