@@ -54,7 +54,8 @@ def tokenize_dataset(settings: TokenizeSettings, splits: dict[str, Path], tokeni
         with tqdm(total=total, desc=f"tokenizing {split}", unit="sample", leave=False,
                   disable=total < 1000) as bar:
             try:
-                result = tokenize_split(parquet, tokenizer_dir, out / split, opts, bar.update)
+                result = tokenize_split(parquet, tokenizer_dir, out / split, opts, bar.update,
+                                        masker)
             except (TemplateError, DataError) as e:
                 raise UserError(f"tokenize: {e}") from None
         log.info("tokenize: %s: %d of %d samples in %d rows, %.1f%% packed, %d dropped, "

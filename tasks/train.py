@@ -179,8 +179,7 @@ def build(ctx: BuildContext) -> None:
     final = checkpoint.iteration_dir(save, iteration)
     shutil.copytree(final, checkpoint.iteration_dir(ctx.out, iteration),
                     copy_function=_link_or_copy)
-    for name in (checkpoint.METADATA,):
-        shutil.copyfile(save / name, ctx.out / name)
+    shutil.copyfile(save / checkpoint.METADATA, ctx.out / checkpoint.METADATA)
     (ctx.out / checkpoint.TRACKER).write_text(str(iteration))
     metrics = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
     shutil.copyfile(job.metrics_path, ctx.out / "metrics.jsonl")

@@ -146,16 +146,19 @@ class Stats:
 
 
 def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Options,
-                   on_progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+                   on_progress: Callable[[int], None] = lambda n: None,
+                   masker: ChatMasker | None = None) -> dict[str, Any]:
     """Tokenize one split into `<prefix>-tokens/-mask` indexed datasets; returns statistics.
-    Raises TemplateError / DataError for problems the settings do not allow."""
+    Raises TemplateError / DataError for problems the settings do not allow. Pass a `masker`
+    already built for `tokenizer_dir` to skip loading the tokenizer again."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     stats = Stats(seq_length=options.seq_length)
     staging = prefix.with_name(prefix.name + ".staging")
     writer = SFTWriter(staging)
     limit = options.seq_length
-    for where, (ids, mask) in encoded(parquet, make_masker(tokenizer_dir, options), options):
+    masker = masker or make_masker(tokenizer_dir, options)
+    for where, (ids, mask) in encoded(parquet, masker, options):
         stats.samples_in += 1
         on_progress(1)
         if len(ids) > limit:

@@ -90,13 +90,12 @@ class TrainJob:
             raise JobError("train.use_distributed_optimizer needs CUDA (Megatron's optimizer)")
         hf = model_meta["hf_config"]
         tok = data_stats["tokenizer"]
-        for key, ours in (("eos_token_id", tok.get("eos_id")),):
-            theirs = hf.get(key)
-            if theirs is not None and ours is not None and ours != theirs and not (
-                    isinstance(theirs, list) and ours in theirs):
-                raise JobError(f"the data was tokenized with a tokenizer whose EOS is {ours}, but "
-                               f"the model's config says {theirs}: re-tokenize with this model's "
-                               "tokenizer")
+        ours, theirs = tok.get("eos_id"), hf.get("eos_token_id")
+        if ours is not None and theirs is not None and ours not in (
+                theirs if isinstance(theirs, list) else [theirs]):
+            raise JobError(f"the data was tokenized with a tokenizer whose EOS is {ours}, but "
+                           f"the model's config says {theirs}: re-tokenize with this model's "
+                           "tokenizer")
         if tok["vocab_size"] > model_meta["vocab_size"]:
             raise JobError(f"the data's tokenizer has {tok['vocab_size']} tokens, the model only "
                            f"{model_meta['vocab_size']}: data and model are not from one tokenizer")
