@@ -157,10 +157,13 @@ def mcore2hf(
         help="HF folder of the source model: its tokenizer files are copied.")] = None,
     max_shard_size: Annotated[str, typer.Option(
         help="Largest safetensors file (e.g. 5GB, 500MB); bigger models get an index.")] = "5GB",
+    iteration: Annotated[Optional[int], typer.Option(
+        help="Iteration to export (default: the latest).")] = None,
 ) -> None:
     """Megatron checkpoint (any TP/PP) → HF folder with safetensors and config.json."""
     _bridge(["mcore2hf", "--mcore", str(mcore), "--out", str(out), "--max-shard-size",
-             max_shard_size] + (["--hf-base", str(hf_base)] if hf_base else []))
+             max_shard_size] + (["--hf-base", str(hf_base)] if hf_base else [])
+            + (["--iteration", str(iteration)] if iteration else []))
     typer.echo(f"wrote {out}")
 
 
@@ -200,6 +203,45 @@ def tokenize_cmd(
     train = stats["splits"]["train"]
     typer.echo(f"wrote {out}: {train['samples_out']} samples in {train['rows']} rows, "
                f"{100 * train['packing_efficiency']:.1f}% packed")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="HF model folder (with tokenizer and chat template), "
+                                        "e.g. the export artifact.")],
+    out: Annotated[Path, typer.Option(help="Folder to write results, details and logs into.")],
+    task: Annotated[Optional[list[str]], typer.Option(
+        "--tasks", help="TASK or TASK=SAMPLES, repeatable (default: the preset's tasks).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset or YAML file for the evaluate settings.")] = "tiny",
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override an evaluate setting, e.g. --set max_new_tokens=256.")] = None,
+) -> None:
+    """Run the evaluate stage alone: lighteval on an HF folder → scores and hybrid metrics."""
+    from pydantic import ValidationError
+
+    from settings.loader import load_settings
+    from tasks.evaluate import evaluate_model, hybrid_rows, score_rows
+
+    try:
+        overrides = [f"evaluate.{a}" for a in set_ or []]
+        if task:
+            specs = [t.partition("=") for t in task]
+            tasks = ", ".join(f"{{name: '{n}', samples: {k or 1}}}" for n, _, k in specs)
+            overrides.append(f"evaluate.tasks=[{tasks}]")
+        settings = load_settings(preset, overrides).evaluate
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out} is not empty; choose another folder")
+        results = evaluate_model(settings, model, out)
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    except UserError as e:
+        fail(str(e))
+    for row in score_rows(results, None):
+        typer.echo(f"{row['task']:<24} {row['metric']:<28} {row['value']:.4f}")
+    for row in hybrid_rows(results):
+        typer.echo(f"{row['task']:<24} mode {row['mode']:<6} {row['share']:.2f} of samples, "
+                   f"{row['mean_tokens']:.1f} tokens, accuracy {row['accuracy']:.3f}")
+    typer.echo(f"wrote {out}")
 
 
 @app.command("verify")

@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 
 from flows.selection import Selection, resolve
 from settings.errors import UserError
-from settings.models import PipelineSettings
-from tasks import BY_NAME, STAGE_NAMES
+from settings.models import HubPushSettings, PipelineSettings
+from tasks import BY_NAME, STAGE_NAMES, hub_push
 from tasks.artifacts import ArtifactStore, Manifest
 from tasks.stage import STAGE_CACHE, StagePlan, cache_key, plan_key, stage_task
 
@@ -149,8 +149,30 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
             create_markdown_artifact(stage.markdown(manifest),
                                      key=f"{p.name.replace('_', '-')}-summary",
                                      description=f"{p.name}: {stage.description}")
+    if settings.export.push.repo and "export" in manifests:
+        _push(manifests, settings, log)
     _summary_artifact(manifests, status)
     return manifests
+
+
+@task(name="push", task_run_name="push")
+def push_task(export: Manifest, card: str, push: HubPushSettings) -> dict:
+    return hub_push.push(export, card, push, get_run_logger())
+
+
+def _push(manifests: dict[str, Manifest], settings: PipelineSettings, log) -> None:
+    """Upload the export, with the evaluated model card when `evaluate` ran (idempotent)."""
+    card_file = (manifests["evaluate"].dir / "model_card.md" if "evaluate" in manifests
+                 else manifests["export"].dir / "README.md")
+    state = push_task(manifests["export"], card_file.read_text(), settings.export.push,
+                      return_state=True)
+    if state.is_failed():
+        error = state.result(raise_on_failure=False)
+        raise error if isinstance(error, BaseException) else RuntimeError(state.message)
+    result = state.result()
+    create_table_artifact([{"file": f} for f in result["files"]], key="push-files",
+                          description=f"{'pushed' if result['pushed'] else 'not pushed'} to "
+                                      f"{result['repo']}@{result['revision']}")
 
 
 def _summary_artifact(manifests: dict[str, Manifest], status: dict[str, str]) -> None:

@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mcore", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--hf-base", type=Path, help="HF folder to take tokenizer files from")
+    b.add_argument("--iteration", type=int, help="iteration to export (default: the latest)")
     b.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB or 500MB (bigger models are sharded)")
     c = sub.add_parser("verify", help="logits of the checkpoint vs transformers")
@@ -30,13 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--pp", type=int, default=1)
     c.add_argument("--json", type=Path, help="write the report here (and print it)")
+    c.add_argument("--iteration", type=int, help="iteration to compare (default: the latest)")
     c.add_argument("--dtype", default="float32", choices=["float32", "checkpoint"],
                    help="compute dtype of both models: float32 (upcast weights; isolates the "
                         "conversion from low-precision kernel noise) or the checkpoint's own")
     return p
 
 
-def verify(hf: Path, mcore: Path, tp: int, pp: int, dtype: str = "float32") -> dict | None:
+def verify(hf: Path, mcore: Path, tp: int, pp: int, dtype: str = "float32",
+           iteration: int | None = None) -> dict | None:
     import torch
 
     from megatron_bridge import checkpoint
@@ -48,7 +51,7 @@ def verify(hf: Path, mcore: Path, tp: int, pp: int, dtype: str = "float32") -> d
     compute = torch.float32 if dtype == "float32" else DTYPES[meta["dtype"]]
     with model_parallel(tp, pp):
         model = build_model(meta["hf_config"], tp, pp, compute, parallel_output=False).eval()
-        checkpoint.load(model, mcore)  # upcasts a bf16/fp16 checkpoint into the fp32 model
+        checkpoint.load(model, mcore, iteration)  # upcasts a bf16/fp16 checkpoint into the fp32 model
         with torch.no_grad():
             return compare(hf, model, meta["vocab_size"])
 
@@ -62,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf2mcore":
             hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype)
         elif args.command == "mcore2hf":
-            mcore_to_hf(args.mcore, args.out, args.hf_base, args.max_shard_size)
+            mcore_to_hf(args.mcore, args.out, args.hf_base, args.max_shard_size, args.iteration)
         else:
-            report = verify(args.hf, args.mcore, args.tp, args.pp, args.dtype)
+            report = verify(args.hf, args.mcore, args.tp, args.pp, args.dtype, args.iteration)
             if report is not None:
                 text = json.dumps(report, indent=2)
                 if args.json:

@@ -90,12 +90,23 @@ def save(model, root: Path, iteration: int | str, metadata: dict[str, Any], thre
     return target
 
 
-def load(model, root: Path) -> None:
-    """Collective: load the latest checkpoint into this rank's model, whatever layout it was
-    saved with (dist_checkpointing reshards)."""
+def available_iterations(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
+
+
+def load(model, root: Path, iteration: int | None = None) -> None:
+    """Collective: load the latest (or the given) checkpoint into this rank's model, whatever
+    layout it was saved with (dist_checkpointing reshards)."""
     from megatron.core import dist_checkpointing
 
-    target = iteration_dir(root, read_tracker(root))
+    if iteration is not None:
+        target = iteration_dir(root, iteration)
+        if not target.is_dir():
+            have = ", ".join(map(str, available_iterations(root))) or "none"
+            raise CheckpointError(f"{root} has no checkpoint of iteration {iteration} "
+                                  f"(available: {have})")
+    else:
+        target = iteration_dir(root, read_tracker(root))
     if not target.is_dir():
         raise CheckpointError(f"{root}: the tracker points to {target.name}, which does not exist")
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(target))

@@ -153,11 +153,14 @@ def hf_to_mcore(hf_dir: Path, out: Path, tp: int, pp: int, dtype: str = "source"
 
 
 def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
-                max_shard_size: int | str = "5GB") -> dict[str, Any]:
-    """Load any TP/PP checkpoint at TP1/PP1 (dist_checkpointing reshards), unpad the vocab and
-    write safetensors (sharded with an index when large), config.json and tokenizer files."""
+                max_shard_size: int | str = "5GB", iteration: int | None = None) -> dict[str, Any]:
+    """Load any TP/PP checkpoint (the latest iteration, or `iteration`) at TP1/PP1
+    (dist_checkpointing reshards), unpad the vocab and write safetensors (sharded with an index
+    when large), config.json (its dtype: the checkpoint's) and tokenizer files."""
     meta = checkpoint.read_metadata(mcore_dir)
     hf = dict(meta["hf_config"])
+    hf.pop("torch_dtype", None)  # transformers loads in this dtype: say what the tensors are
+    hf["dtype"] = meta["dtype"]
     if hf_base is not None:
         base = json.loads((Path(hf_base) / "config.json").read_text())
         keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -173,7 +176,7 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
     tied = bool(hf.get("tie_word_embeddings", False))
     with model_parallel(1, 1):
         model = build_model(hf, 1, 1, dtype)
-        checkpoint.load(model, mcore_dir)
+        checkpoint.load(model, mcore_dir, iteration)
         tensors = hf_tensors_from_model(model, arch, geometry(hf, 1), tied)
     with staged_output(out) as tmp:  # a failed export leaves no folder that looks like a model
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)

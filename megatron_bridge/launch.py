@@ -49,26 +49,34 @@ def run_bridge(args: list[str], layout: tuple[int, int] | None = None,
         nproc = tp * pp
         args = [*args, "--tp", str(tp), "--pp", str(pp)]
     check_devices(nproc)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    proc = subprocess.Popen(command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                             str(max(1, (os.cpu_count() or 1) // nproc)))}
+    return run_command(command(args, nproc), f"megatron_bridge {args[0]}", log_file, timeout, env)
+
+
+def run_command(cmd: list[str], what: str, log_file: Path | None = None,
+                timeout: float | None = None, env: dict[str, str] | None = None) -> str:
+    """Run a Python entry point in its own process group (killed whole on timeout or
+    interruption), log its output, and turn its `error: …` line (exit 2) into BridgeError."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise RuntimeError(f"megatron_bridge {args[0]} timed out after {timeout:.0f} s") from None
-    except BaseException:  # interrupted or cancelled: never leave the ranks running
+        raise RuntimeError(f"{what} timed out after {timeout:.0f} s") from None
+    except BaseException:  # interrupted or cancelled: never leave the processes running
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     if log_file is not None:
-        Path(log_file).write_text(f"$ {' '.join(command(args, nproc))}\n{out}\n{err}")
+        Path(log_file).write_text(f"$ {' '.join(cmd)}\n{out}\n{err}")
     if proc.returncode == 2 or (proc.returncode and "error: " in err):
         lines = [line for line in err.splitlines() if "error: " in line]
         if lines:
             raise BridgeError(lines[-1].split("error: ", 1)[1])
     if proc.returncode:
-        raise RuntimeError(f"megatron_bridge {args[0]} failed (exit {proc.returncode}):\n"
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n"
                            + "\n".join(err.splitlines()[-30:]))
     return out

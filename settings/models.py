@@ -306,6 +306,116 @@ class TrainSettings(Strict):
         return self
 
 
+class HubPushSettings(Strict):
+    """Optional upload of the exported folder to the Hugging Face Hub (after `evaluate`, so the
+    model card carries the scores). Never part of an artifact key: pushing changes no artifact."""
+
+    repo: str | None = None
+    """`org/name` of a model repository to push to; null (default): no push."""
+    revision: str | None = None
+    """Branch to push to; null: `rsft-<export key>` (one branch per distinct export)."""
+    private: bool = True
+    """Create the repository as private if it does not exist."""
+    overwrite: bool = False
+    """Push even if the branch already holds another export (else refused)."""
+    dry_run: bool = False
+    """List what would be uploaded, upload nothing."""
+    token_secret: str | None = None
+    """Name of a Prefect Secret block with a Hugging Face token (default: `HF_TOKEN` or the
+    huggingface_hub login). Never logged."""
+
+
+class ExportSettings(Strict):
+    """Stage `export` (Megatron → HF): a Hugging Face model folder people can load and sample."""
+
+    iteration: int | None = Field(default=None, ge=1)
+    """Training iteration to export; null: the final one. Earlier ones must still be among the
+    `train.keep_last` checkpoints of the training run."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard (bigger models are split, with an index)."""
+    temperature: float = Field(default=0.6, ge=0)
+    """Sampling temperature written to `generation_config.json` (R1's recommendation)."""
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    """Nucleus sampling written to `generation_config.json`."""
+    verify: bool = True
+    """Load the folder with transformers and compare its logits with the Megatron checkpoint's;
+    the stage fails (and publishes nothing) beyond the tolerances below."""
+    max_abs_diff: float = Field(default=1e-4, gt=0)
+    """Largest |Δlogit| allowed (both sides compute in float32 from the same weights)."""
+    min_top1_agreement: float = Field(default=0.99, ge=0, le=1)
+    """Smallest share of positions where both pick the same next token."""
+    timeout_minutes: float = not_in_key(default=120, gt=0)
+    """Kill the export (and its verification) after this long."""
+    push: HubPushSettings = not_in_key(default_factory=HubPushSettings)
+    """Optional Hub upload of the exported folder."""
+
+
+LOCAL_EVAL_TASKS = ("math_500_local", "aime24_local")
+"""Tasks shipped with the project (`examples/eval`): lighteval custom tasks, no hub access."""
+
+
+class EvalTask(Strict):
+    """One lighteval task and how many samples to draw per problem."""
+
+    name: str
+    """lighteval task: a built-in (`aime24`, `math_500`, `gpqa:diamond`, `lcb:codegeneration`, …,
+    need the Hub) or a shipped local one (`math_500_local`, `aime24_local`)."""
+    samples: int = Field(default=1, ge=1)
+    """Samples per problem (`n` of pass@1 estimated over n samples)."""
+
+
+class VllmSettings(Strict):
+    """vLLM engine settings (backend `vllm`, GPU only)."""
+
+    dtype: Literal["bfloat16", "float16", "auto"] = "bfloat16"
+    """Compute dtype."""
+    max_model_length: int = Field(default=32768, ge=16)
+    """Context length (prompt + generation)."""
+    gpu_memory_utilization: float = Field(default=0.8, gt=0, le=1)
+    """Share of GPU memory vLLM may take."""
+    tensor_parallel: int = Field(default=1, ge=1)
+    """GPUs per model replica."""
+    data_parallel: int = Field(default=1, ge=1)
+    """Model replicas."""
+
+
+class EvaluateSettings(Strict):
+    """Stage `evaluate`: lighteval scores of the exported model, as open-r1 runs them."""
+
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`vllm` (GPU), `transformers` (any device; slow), `auto`: vLLM when CUDA and vllm are
+    available, else transformers."""
+    tasks: list[EvalTask] = Field(min_length=1, default_factory=lambda: [
+        EvalTask(name="math_500_local", samples=2), EvalTask(name="aime24_local", samples=2)])
+    """Tasks to run."""
+    max_problems: int | None = Field(default=4, ge=1)
+    """Evaluate only the first N problems of each task (smoke tests: scores are then partial);
+    null: all."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Generation budget per sample (open-r1: 32768)."""
+    temperature: float = Field(default=0.6, ge=0)
+    """Sampling temperature (0: greedy)."""
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    """Nucleus sampling."""
+    seed: int = 0
+    """Sampling seed."""
+    batch_size: int = Field(default=8, ge=1)
+    """Prompts per generation batch (transformers backend)."""
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    evaluate_base: bool = False
+    """Also evaluate the base model (its own cached artifact) and report the delta."""
+    timeout_minutes: float = not_in_key(default=24 * 60, gt=0)
+    """Kill an evaluation after this long."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, v: list[EvalTask]) -> list[EvalTask]:
+        names = [t.name for t in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"task listed twice: {', '.join(dupes)}")
+        return v
+
+
 class PipelineSettings(Strict):
     """The whole pipeline: where artifacts live and every stage's settings."""
 
@@ -320,3 +430,5 @@ class PipelineSettings(Strict):
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     tokenize: TokenizeSettings = Field(default_factory=TokenizeSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)

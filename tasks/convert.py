@@ -37,16 +37,22 @@ def build(ctx: BuildContext) -> None:
                     vocab_size=meta["vocab_size"], padded_vocab_size=meta["padded_vocab_size"])
     if not s.verify:
         return
+    check_verification(ctx, s.max_abs_diff, s.min_top1_agreement, "convert",
+                       "the Megatron checkpoint does not reproduce transformers' logits")
+
+
+def check_verification(ctx: BuildContext, limit: float, min_top1: float, stage: str,
+                       failure: str) -> None:
+    """Record `verification.json`'s numbers and fail the stage beyond the tolerances."""
     report = json.loads((ctx.out / "verification.json").read_text())
-    limit = s.max_abs_diff
     ctx.meta.update(max_abs_diff=report["max_abs_diff"], top1_agreement=report["top1_agreement"])
-    ctx.log.info("convert: verified: max |Δlogit| %.3g (limit %.3g), top-1 agreement %.3f",
+    ctx.log.info("%s: verified: max |Δlogit| %.3g (limit %.3g), top-1 agreement %.3f", stage,
                  report["max_abs_diff"], limit, report["top1_agreement"])
-    if report["max_abs_diff"] > limit or report["top1_agreement"] < s.min_top1_agreement:
+    if report["max_abs_diff"] > limit or report["top1_agreement"] < min_top1:
         raise UserError(
-            f"convert: the Megatron checkpoint does not reproduce transformers' logits (max |Δ| "
-            f"{report['max_abs_diff']:.3g} > {limit:.3g} or top-1 {report['top1_agreement']:.3f} < "
-            f"{s.min_top1_agreement}); see verification.json in the logs; nothing was published")
+            f"{stage}: {failure} (max |Δ| {report['max_abs_diff']:.3g} > {limit:.3g} or top-1 "
+            f"{report['top1_agreement']:.3f} < {min_top1}); see verification.json in the logs; "
+            "nothing was published")
 
 
 def report(manifest: Manifest) -> list[dict]:

@@ -39,17 +39,20 @@ def source_kind(source: str) -> str:
 
 def hf_token(settings: DownloadSettings) -> str | None:
     """The token from a Prefect Secret block if one is named, else huggingface_hub's own lookup."""
-    if not settings.hf_token_secret:
+    return read_secret(settings.hf_token_secret, "download.hf_token_secret")
+
+
+def read_secret(name: str | None, field: str) -> str | None:
+    """A Prefect Secret block's value (None when no block is named)."""
+    if not name:
         return None
     from prefect.blocks.system import Secret
 
     try:
-        return Secret.load(settings.hf_token_secret).get()
+        return Secret.load(name).get()
     except ValueError as e:
-        raise UserError(
-            f"download.hf_token_secret: no Prefect Secret block named "
-            f"'{settings.hf_token_secret}' ({e}); create it or unset the field to use HF_TOKEN"
-        ) from None
+        raise UserError(f"{field}: no Prefect Secret block named '{name}' ({e}); create it or "
+                        "unset the field to use HF_TOKEN") from None
 
 
 def hub_offline() -> bool:

@@ -171,6 +171,17 @@ class ChatMasker:
             raise TemplateError("rendering differs from transformers' apply_chat_template")
         self.encode([probe])
 
+    def end_of_turn_id(self) -> int:
+        """The token the template closes an assistant turn with (trailing whitespace skipped):
+        generation must stop on it, whatever the tokenizer calls its EOS."""
+        probe = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]
+        ids = self._hf.apply_chat_template(probe, tokenize=False)
+        tokens = self.backend.encode(ids, add_special_tokens=False).ids
+        for token in reversed(tokens):
+            if self._hf.decode([token]).strip():
+                return int(token)
+        raise TemplateError("the chat template renders an assistant turn with no closing token")
+
     def describe(self) -> dict[str, Any]:
         return {"eos_id": self.eos_id, "vocab_size": self.vocab_size,
                 "control_ids": sorted(int(i) for i in self.control_ids)}

@@ -1,0 +1,129 @@
+"""Stage `evaluate`: lighteval scores of the exported model (and optionally of the base model),
+hybrid-reasoning metrics, and the model card with the scores.
+
+lighteval runs in its own process (`python -m tasks.evaluation`, killed whole on timeout) so a
+vLLM engine or a model's memory never outlives the run. The base model's scores are cached under
+a key of their own (the base artifact + the evaluation settings): retraining does not re-evaluate
+the base.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from settings.errors import UserError
+from settings.models import EvaluateSettings
+from tasks import model_card
+from tasks.artifacts import ArtifactStore, Manifest, compute_key
+from tasks.stage import BuildContext, Stage, key_settings
+
+
+def make_job(settings: EvaluateSettings, model: Path, out: Path):
+    from tasks.evaluation.runner import EvalJob, resolve_backend
+
+    return EvalJob(model=str(model), output_dir=str(out),
+                   tasks={t.name: t.samples for t in settings.tasks},
+                   backend=resolve_backend(settings.backend), max_new_tokens=settings.max_new_tokens,
+                   temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                   batch_size=settings.batch_size, max_problems=settings.max_problems,
+                   vllm=settings.vllm.model_dump())
+
+
+def evaluate_model(settings: EvaluateSettings, model: Path, out: Path) -> dict[str, Any]:
+    """Run lighteval on an HF folder into `out` (created); returns results.json's content.
+    Raises UserError for a bad folder, task or backend."""
+    from megatron_bridge.launch import BridgeError, run_command
+    from tasks.evaluation.runner import EvalError, check_model_folder, check_tasks
+
+    model, out = Path(model).resolve(), Path(out).resolve()
+    try:
+        job = make_job(settings, model, out)
+        check_model_folder(model)
+        check_tasks(job.tasks)
+    except EvalError as e:
+        raise UserError(f"evaluate: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(job.model_dump_json(indent=2))
+    try:
+        run_command([sys.executable, "-m", "tasks.evaluation", str(out / "job.json")],
+                    "lighteval", out / "evaluate.log", settings.timeout_minutes * 60)
+    except BridgeError as e:
+        raise UserError(f"evaluate: {e}") from None
+    return json.loads((out / "results.json").read_text())
+
+
+def score_rows(results: dict[str, Any], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """task, metric, value, base, delta — one row per metric (stderr columns dropped)."""
+    rows = []
+    for task, metrics in results["scores"].items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr"):
+                continue
+            b = base["scores"].get(task, {}).get(metric) if base else None
+            rows.append({"task": task, "metric": metric, "value": value, "base": b,
+                         "delta": None if b is None else value - b})
+    return rows
+
+
+def hybrid_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"task": task, "mode": mode, **values}
+            for task, modes in results["hybrid"].items() for mode, values in modes.items()]
+
+
+def _base_results(ctx: BuildContext) -> dict[str, Any] | None:
+    if not ctx.settings.evaluate_base:
+        return None
+    download = ctx.upstream["download"]
+    key = compute_key({"base": download.key, "evaluate": key_settings(ctx.settings)})
+    folder = ArtifactStore(download.dir.parents[2]).scratch("evaluate", f"base-{key}")
+    if (folder / "results.json").is_file() and (folder / "done").is_file():
+        ctx.log.info("evaluate: reusing the base model's scores from %s", folder)
+        return json.loads((folder / "results.json").read_text())
+    ctx.log.info("evaluate: scoring the base model %s", download.dir)
+    results = evaluate_model(ctx.settings, download.dir, folder)
+    (folder / "done").write_text("")
+    return results
+
+
+def build(ctx: BuildContext) -> None:
+    export = ctx.upstream["export"]
+    ctx.log.info("evaluate: lighteval on %s", export.dir)
+    results = evaluate_model(ctx.settings, export.dir, ctx.out)
+    base = _base_results(ctx)
+    if base is not None:
+        (ctx.out / "base_results.json").write_text(json.dumps(base, indent=2))
+    rows = score_rows(results, base)
+    (ctx.out / "scores.json").write_text(json.dumps(rows, indent=2))
+    info = json.loads((export.dir / "model_card_info.json").read_text())
+    (ctx.out / "model_card.md").write_text(model_card.render(info, info["iteration"], rows))
+    for row in rows:
+        ctx.log.info("evaluate: %s %s = %.4f", row["task"], row["metric"], row["value"])
+    ctx.meta.update(backend=results["backend"], scores=results["scores"],
+                    max_problems=results["max_problems"])
+
+
+def report(manifest: Manifest) -> list[dict[str, Any]]:
+    return json.loads((manifest.dir / "scores.json").read_text())
+
+
+def markdown(manifest: Manifest) -> str:
+    results = json.loads((manifest.dir / "results.json").read_text())
+    partial = (f" on the first {results['max_problems']} problems of each task (partial scores)"
+               if results["max_problems"] else "")
+    lines = [f"### Evaluation (lighteval, {results['backend']} backend){partial}", "",
+             *model_card.scores_table(report(manifest))]
+    lines += ["", "#### Hybrid reasoning (per answer mode)", "",
+              "| task | mode | samples | share | mean tokens | accuracy |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['mode']} | {r['samples']} | {r['share']:.2f} | "
+              f"{r['mean_tokens']:.1f} | {r['accuracy']:.3f} |" for r in hybrid_rows(results)]
+    return "\n".join(lines)
+
+
+STAGE = Stage(
+    name="evaluate", version="1", settings=lambda s: s.evaluate, build=build,
+    upstream=("export", "download"), report=report, markdown=markdown,
+    description="lighteval scores (+ base delta) and hybrid-reasoning metrics",
+)

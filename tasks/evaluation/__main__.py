@@ -1,0 +1,5 @@
+import sys
+
+from tasks.evaluation.runner import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Stage `export`: the trained Megatron checkpoint as a Hugging Face model folder people can use.
+
+safetensors + `config.json` (the base model's, with its vocabulary size) from `megatron_bridge`;
+the patched tokenizer; `generation_config.json` whose EOS is the chat template's end-of-turn token
+and which samples by default (`do_sample`, temperature, top_p); a model card with lineage. The
+folder verifies itself: transformers loads it and its logits must match the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from settings.errors import UserError
+from settings.models import ExportSettings
+from tasks import model_card
+from tasks.artifacts import MANIFEST, ArtifactStore, Manifest
+from tasks.convert import check_verification
+from tasks.stage import BuildContext, Stage
+
+# Not model files: kept in the artifact, never uploaded.
+NOT_UPLOADED = (MANIFEST, "verification.json", "logs/*", "model_card_info.json")
+
+
+def checkpoint_for(train: Manifest, iteration: int | None) -> tuple[Path, int]:
+    """The checkpoint folder holding `iteration` (the final one in the artifact, earlier ones in
+    the training run's scratch folder while `train.keep_last` keeps them)."""
+    from megatron_bridge import checkpoint
+
+    final = int(checkpoint.read_tracker(train.dir))
+    if iteration is None or iteration == final:
+        return train.dir, final
+    scratch = ArtifactStore(train.dir.parents[2]).scratch("train", train.key) / "checkpoints"
+    have = sorted({final, *checkpoint.available_iterations(scratch)})
+    if iteration not in have or not checkpoint.iteration_dir(scratch, iteration).is_dir():
+        raise UserError(f"export.iteration {iteration}: no checkpoint of that iteration (kept: "
+                        f"{', '.join(map(str, have))}); choose one of them, or null for the final "
+                        "one (raise train.keep_last to keep more)")
+    return scratch, iteration
+
+
+def generation_config(base: Path, tokenizer_dir: Path, settings: ExportSettings) -> dict[str, Any]:
+    """The base model's generation config with EOS = the template's end-of-turn token (plus the
+    tokenizer's EOS if different) and sampling on."""
+    from megatron_bridge.data.chat import ChatMasker, TemplateError
+
+    path = base / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        masker = ChatMasker(tokenizer_dir)
+        end = masker.end_of_turn_id()
+    except TemplateError as e:
+        raise UserError(f"export: {e}") from None
+    eos = [end] + ([masker.eos_id] if masker.eos_id not in (None, end) else [])
+    config.update(eos_token_id=eos[0] if len(eos) == 1 else eos, do_sample=True,
+                  temperature=settings.temperature, top_p=settings.top_p)
+    config.setdefault("pad_token_id", masker._hf.pad_token_id if masker._hf.pad_token_id is not None
+                      else eos[0])
+    config.pop("transformers_version", None)
+    return config
+
+
+def build(ctx: BuildContext) -> None:
+    from megatron_bridge.launch import BridgeError, run_bridge
+
+    s: ExportSettings = ctx.settings
+    train, tokenizer, base = (ctx.upstream[n].dir for n in ("train", "patch_tokenizer", "download"))
+    source, iteration = checkpoint_for(ctx.upstream["train"], s.iteration)
+    timeout = s.timeout_minutes * 60
+    pick = ["--iteration", str(iteration)]
+    ctx.log.info("export: iteration %d of %s -> HF folder", iteration, source)
+    try:
+        run_bridge(["mcore2hf", "--mcore", str(source), "--out", str(ctx.out), "--hf-base",
+                    str(base), "--max-shard-size", s.max_shard_size, *pick], None, None, timeout)
+    except BridgeError as e:
+        raise UserError(f"export: {e}") from None
+    for f in tokenizer.iterdir():  # the patched tokenizer replaces the base's
+        if f.is_file() and f.name != MANIFEST:
+            shutil.copyfile(f, ctx.out / f.name)
+    (ctx.out / "generation_config.json").write_text(
+        json.dumps(generation_config(base, ctx.out, s), indent=2) + "\n")
+    config = json.loads((ctx.out / "config.json").read_text())
+    base_vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    if config["vocab_size"] != base_vocab:
+        raise UserError(f"export: vocab_size {config['vocab_size']} differs from the base "
+                        f"model's {base_vocab}")
+    info = model_card.lineage(ctx.upstream)
+    (ctx.out / "model_card_info.json").write_text(json.dumps({**info, "iteration": iteration},
+                                                             indent=2))
+    (ctx.out / "README.md").write_text(model_card.render(info, iteration))
+    ctx.meta.update(iteration=iteration, vocab_size=config["vocab_size"], dtype=config["dtype"])
+    if s.verify:
+        logs = ctx.out / "logs"
+        logs.mkdir()
+        try:
+            run_bridge(["verify", "--hf", str(ctx.out), "--mcore", str(source), *pick, "--json",
+                        str(ctx.out / "verification.json")], (1, 1), logs / "verify.log", timeout)
+        except BridgeError as e:
+            raise UserError(f"export: {e}") from None
+        check_verification(ctx, s.max_abs_diff, s.min_top1_agreement, "export",
+                           "the exported folder does not reproduce the checkpoint's logits")
+
+
+def report(manifest: Manifest) -> list[dict]:
+    path = manifest.dir / "verification.json"
+    return json.loads(path.read_text())["prompts"] if path.is_file() else []
+
+
+def markdown(manifest: Manifest) -> str:
+    m = manifest.meta
+    check = (f"; transformers reproduces the checkpoint's logits to {m['max_abs_diff']:.2g} "
+             f"(top-1 agreement {m['top1_agreement']:.3f})" if "max_abs_diff" in m else "")
+    return (f"### Export\n\nIteration {m['iteration']} as a Hugging Face folder ({m['dtype']}, "
+            f"vocabulary {m['vocab_size']}){check}.\n\n`{manifest.dir}` — load it with "
+            "`AutoModelForCausalLM.from_pretrained(...)`; the model card is its `README.md`.")
+
+
+STAGE = Stage(
+    name="export", version="1", settings=lambda s: s.export, build=build,
+    upstream=("train", "patch_tokenizer", "download", "dataset"), report=report, markdown=markdown,
+    description="Hugging Face model folder: safetensors, patched tokenizer, generation config, card",
+)
