@@ -69,7 +69,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint_on_rerun(tmp_path, c
     work = tmp_path / "work"
     args = ["run", "--set", f"workdir={work}", "--set", "train.train_iters=4", "--set",
             "train.save_interval=1", "--set", "train.keep_last=1", "--set",
-            "train.global_batch_size=1"]
+            "train.global_batch_size=1", "--until", "train"]
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -128,10 +128,14 @@ def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ROOT / rel, repo / rel)
     assert not (repo.parent.parent / "shared").exists()
+    # (the tiny preset end to end: download → … → train → export → evaluate)
     rsft("run", "--set", "train.train_iters=2", "--set", "train.save_interval=2", cwd=repo,
          env={**cli_env, "PYTHONPATH": str(repo)}, check=True, timeout=600)
     clean = repo / "rsft-work"
     assert all(list((clean / "artifacts" / s).glob("*/manifest.json")) for s in STAGE_NAMES)
+    assert STAGE_NAMES[-2:] == ["export", "evaluate"]
+    (results,) = clean.glob("artifacts/evaluate/*/results.json")
+    assert set(json.loads(results.read_text())["scores"]) == {"math_500_local", "aime24_local"}
     for stage in ("download", "patch_tokenizer"):
         a = next((work / "artifacts" / stage).glob("*/manifest.json")).read_text()
         b = next((clean / "artifacts" / stage).glob("*/manifest.json")).read_text()

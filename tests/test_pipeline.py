@@ -181,30 +181,127 @@ def test_a_moved_workdir_is_reused_without_rebuilding(tmp_path):
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
 
 
+def megatron_tensors(checkpoint_dir: Path, scratch: Path) -> dict:
+    """Every model tensor of a torch_dist checkpoint, read with torch's DCP reader."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = scratch / f"{checkpoint_dir.parent.name}-{checkpoint_dir.name}.pt"
+    dcp_to_torch_save(str(checkpoint_dir), str(target))
+    return {k: v for k, v in torch.load(target, weights_only=False).items()
+            if "_extra_state" not in k}
+
+
+def check_export_is_the_checkpoint(export: Path, checkpoint_dir: Path, tmp_path: Path) -> None:
+    """Bit-exact: the exported HF folder, converted back to Megatron (the other direction of the
+    mapping tables), holds exactly the trained checkpoint's tensors."""
+    import torch
+
+    from megatron_bridge.convert import hf_to_mcore
+
+    hf_to_mcore(export, tmp_path / "back", 1, 1)
+    back = megatron_tensors(tmp_path / "back" / "release", tmp_path)
+    trained = megatron_tensors(checkpoint_dir, tmp_path)
+    assert back.keys() == trained.keys() and "decoder.layers.self_attention.linear_qkv.bias" in back
+    for name, tensor in back.items():
+        assert tensor.dtype == trained[name].dtype and torch.equal(tensor, trained[name]), name
+
+
+def check_loads_and_generates_to_eos(export: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export)
+    config = model.generation_config
+    end = tokenizer.convert_tokens_to_ids("<｜end▁of▁sentence｜>")
+    assert config.eos_token_id == end and config.do_sample and config.temperature == 0.6
+    assert tokenizer.convert_tokens_to_ids("<short>") == 151650
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    assert prompt["input_ids"][0, -1].item() == tokenizer.convert_tokens_to_ids("<｜Assistant｜>")
+    torch.manual_seed(0)
+    # A random model rarely samples the EOS by itself: make it likely after 3 tokens and check
+    # that the folder's own generation config stops there.
+    out = model.generate(**prompt, max_new_tokens=50, sequence_bias={(end,): 0.0},
+                         min_new_tokens=3, logits_processor=[_EosAfter(3, end, prompt["input_ids"].shape[1])])
+    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    assert new[-1] == end and len(new) == 4
+
+
+class _EosAfter:
+    def __init__(self, n: int, eos: int, start: int):
+        self.n, self.eos, self.start = n, eos, start
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.start >= self.n:
+            scores[:, self.eos] = scores.max() + 100
+        return scores
+
+
 @pytest.mark.slow
-def test_convert_stage_verifies_and_reports(tmp_path):
+def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     state, states, artifacts = run(tmp_path, until=None)  # the whole pipeline
     assert state.is_completed(), state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed",
-                      "dataset": "Completed", "tokenize": "Completed", "train": "Completed"}
+                      "dataset": "Completed", "tokenize": "Completed", "train": "Completed",
+                      "export": "Completed", "evaluate": "Completed"}
     assert {"convert-report", "patch-tokenizer-report", "dataset-report", "tokenize-report",
-            "tokenize-summary", "train-report", "train-summary", "train-progress"} <= artifacts
-    train = state.result()["train"]
+            "tokenize-summary", "train-report", "train-summary", "train-progress", "export-report",
+            "export-summary", "evaluate-report", "evaluate-summary"} <= artifacts
+    m = state.result()
+    train = m["train"]
     assert train.meta["iterations"] == 2 and (train.dir / "loss.png").is_file()
     assert (train.dir / "latest_checkpointed_iteration.txt").read_text() == "2"
-    convert = state.result()["convert"]
-    assert convert.inputs == {"download": state.result()["download"].content_hash}
+    convert = m["convert"]
+    assert convert.inputs == {"download": m["download"].content_hash}
     assert convert.meta["dtype"] == "bfloat16"  # the source's, kept
     assert convert.meta["max_abs_diff"] <= 1e-5 and convert.meta["top1_agreement"] == 1.0
     assert (convert.dir / "latest_checkpointed_iteration.txt").read_text() == "release"
-    tokenize = state.result()["tokenize"]
-    assert tokenize.inputs == {"dataset": state.result()["dataset"].content_hash,
-                               "patch_tokenizer": state.result()["patch_tokenizer"].content_hash}
+    tokenize = m["tokenize"]
+    assert tokenize.inputs == {"dataset": m["dataset"].content_hash,
+                               "patch_tokenizer": m["patch_tokenizer"].content_hash}
     assert tokenize.meta["train"]["samples_out"] > 50 and (tokenize.dir / "lengths.png").is_file()
+
+    # export: the trained weights, bit-exact, with the base vocabulary, loadable and stopping at EOS
+    export = m["export"].dir
+    assert m["export"].meta["iteration"] == 2 and m["export"].meta["max_abs_diff"] <= 1e-5
+    base_vocab = json.loads((m["download"].dir / "config.json").read_text())["vocab_size"]
+    assert json.loads((export / "config.json").read_text())["vocab_size"] == base_vocab == 151936
+    check_export_is_the_checkpoint(export, train.dir / "iter_0000002", tmp_path)
+    check_loads_and_generates_to_eos(export)
+    card = (export / "README.md").read_text()
+    assert "builtin:openmathreasoning-r1-64" in card and f"train: `{train.key}`" in card
+
+    # evaluate: lighteval's scores as a table artifact of this flow run, hybrid metrics, the card
+    evaluate = m["evaluate"].dir
+    results = json.loads((evaluate / "results.json").read_text())
+    assert set(results["scores"]) == {"math_500_local", "aime24_local"}
+    assert sum(v["samples"] for v in results["hybrid"]["math_500_local"].values()) == 4 * 2
+    with get_client(sync_client=True) as client:
+        (table,) = [a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id]))) if a.key == "evaluate-report"]
+    rows = json.loads(table.data)
+    assert {(r["task"], r["metric"]) for r in rows} == {
+        ("math_500_local", "pass@k:k=1&n=2"), ("aime24_local", "pass@k:k=1&n=2")}
+    assert "## Evaluation (lighteval)" in (evaluate / "model_card.md").read_text()
+    from tasks.artifacts import ArtifactStore  # evaluating never touched the export artifact
+    assert ArtifactStore(tmp_path).check("export", m["export"].key, verify=True)[0] is not None
+
+    # An earlier kept iteration exports on request; one not kept fails in one line.
+    state, states, _ = run(tmp_path, "export.iteration=1", "export.verify=false", only=["export"])
+    assert states == {"export": "Completed"} and state.result()["export"].meta["iteration"] == 1
+    state, states, _ = run(tmp_path, "export.iteration=7", only=["export"])
+    assert state.is_failed() and states == {"export": "Failed"}
+    assert "export.iteration 7: no checkpoint of that iteration (kept: 1, 2)" in state.message
+    assert "\n" not in state.message
+
     # A tokenizer edit re-tokenizes but neither reconverts the weights nor rebuilds the data.
-    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]", until=None)
-    assert states == {"download": "Cached", "patch_tokenizer": "Completed", "convert": "Cached",
-                      "dataset": "Cached", "tokenize": "Completed", "train": "Completed"}
+    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]",
+                       only=["patch_tokenizer", "convert", "dataset", "tokenize"])
+    assert states == {"patch_tokenizer": "Completed", "convert": "Cached", "dataset": "Cached",
+                      "tokenize": "Completed"}
 
 
 def test_convert_failing_its_verification_publishes_nothing(tmp_path):
