@@ -242,11 +242,12 @@ class _EosAfter:
 
 @pytest.mark.slow
 def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
-    state, states, artifacts = run(tmp_path, until=None)  # the whole pipeline
+    state, states, artifacts = run(tmp_path, "export.push.repo=someone/tiny-rsft",
+                                   "export.push.dry_run=true", until=None)  # the whole pipeline
     assert state.is_completed(), state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed",
                       "dataset": "Completed", "tokenize": "Completed", "train": "Completed",
-                      "export": "Completed", "evaluate": "Completed"}
+                      "export": "Completed", "evaluate": "Completed", "push": "Completed"}
     assert {"convert-report", "patch-tokenizer-report", "dataset-report", "tokenize-report",
             "tokenize-summary", "train-report", "train-summary", "train-progress", "export-report",
             "export-summary", "evaluate-report", "evaluate-summary"} <= artifacts
@@ -286,6 +287,14 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     assert {(r["task"], r["metric"]) for r in rows} == {
         ("math_500_local", "pass@k:k=1&n=2"), ("aime24_local", "pass@k:k=1&n=2")}
     assert "## Evaluation (lighteval)" in (evaluate / "model_card.md").read_text()
+    # the hub push (dry run) lists the model files only, under this export's own branch
+    with get_client(sync_client=True) as client:
+        (pushed,) = [a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id]))) if a.key == "push-files"]
+    files = {r["file"] for r in json.loads(pushed.data)}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "README.md"} <= files and not files & {"manifest.json", "verification.json"}
+    assert f"not pushed to someone/tiny-rsft@rsft-{m['export'].key}" == pushed.description
     from tasks.artifacts import ArtifactStore  # evaluating never touched the export artifact
     assert ArtifactStore(tmp_path).check("export", m["export"].key, verify=True)[0] is not None
 

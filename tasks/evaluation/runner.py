@@ -188,9 +188,19 @@ def _beside(folder: Path | None):
 
 
 def run(job: EvalJob, model=None) -> dict[str, Any]:
-    """Evaluate; write `results.json` (scores), `hybrid.json`, `details/<task>.parquet` and
+    """Evaluate; write `results.json` (scores and hybrid metrics), `details/<task>.parquet` and
     lighteval's own outputs under `lighteval/` into `job.output_dir`. `model` replaces the model
-    folder by a ready LightevalModel (used by the tests' oracle models)."""
+    folder by a ready LightevalModel (used by the tests' answer models)."""
+    import torch
+
+    grad = torch.is_grad_enabled()
+    try:
+        return _run(job, model)
+    finally:  # importing lighteval's transformers backend turns autograd off process-wide
+        torch.set_grad_enabled(grad)
+
+
+def _run(job: EvalJob, model) -> dict[str, Any]:
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
 
