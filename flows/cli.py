@@ -244,6 +244,22 @@ def eval_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("deploy")
+def deploy_cmd(
+    name: Annotated[Optional[list[str]], typer.Option(
+        help="Only this deployment, as FLOW/DEPLOYMENT (repeatable); default: all.")] = None,
+    gpus: Annotated[int, typer.Option(
+        help="Slots of the `gpu` concurrency limit if it does not exist yet (GPUs per host).")] = 8,
+) -> None:
+    """Apply deployments/prefect.yaml to the Prefect API (work pools, `gpu` limit, deployments)."""
+    from flows.deploy import deploy
+
+    try:
+        typer.echo(deploy(gpus, name))
+    except UserError as e:
+        fail(str(e))
+
+
 @app.command("verify")
 def verify_cmd(
     hf: Annotated[Path, typer.Option(help="HF model folder (with its tokenizer).")],

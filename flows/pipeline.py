@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -92,6 +93,17 @@ def sft_pipeline(
     except UserError as e:
         log.error("%s", e)
         return Failed(message=str(e))
+
+
+StageName = Literal[tuple(STAGE_NAMES)]  # type: ignore[valid-type]
+
+
+@flow(name="rerun-stage", flow_run_name=_run_name, log_prints=True)
+def rerun_stage(settings: PipelineSettings = PipelineSettings(), stage: StageName = "evaluate",
+                verify: bool = False) -> dict[str, Manifest]:
+    """Rebuild one stage from its existing inputs (which must be built); nothing downstream runs.
+    The per-stage rerun deployment: e.g. re-evaluate with new settings, re-export an iteration."""
+    return sft_pipeline(settings=settings, only=[stage], force=[stage], verify=verify)
 
 
 def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) -> dict[str, Manifest]:

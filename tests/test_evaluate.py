@@ -136,6 +136,9 @@ def test_bad_evaluation_input_is_refused_before_lighteval_runs(case, hf_folder, 
 
 
 def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folder, tmp_path, cli_env):
+    config = json.loads((hf_folder / "generation_config.json").read_text())
+    del config["do_sample"]  # a folder that does not ask for sampling is still sampled
+    (hf_folder / "generation_config.json").write_text(json.dumps(config))
     out = tmp_path / "eval"
     proc = rsft("eval", "--model", str(hf_folder), "--out", str(out), "--tasks", "math_500_local=2",
                 "--set", "max_problems=2", "--set", "max_new_tokens=8", cwd=tmp_path, env=cli_env,
@@ -146,6 +149,7 @@ def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folde
     details = pd.read_parquet(out / "details" / "math_500_local.parquet")
     assert len(details) == 2 and all(len(r["text"]) == 2 for r in details["model_response"])
     assert all(len(t) <= 8 for r in details["model_response"] for t in r["output_tokens"])
+    assert all(r["text"][0] != r["text"][1] for r in details["model_response"])  # sampled
     assert "math_500_local" in proc.stdout and "mode" in proc.stdout
 
     bad = rsft("eval", "--model", str(hf_folder), "--out", str(tmp_path / "bad"), "--tasks",

@@ -5,8 +5,8 @@ written into an output folder.
 Offline traps handled here (see DESIGN.md): lighteval's task registry imports every built-in task
 module and some fetch files at import, so a run of only local tasks builds its registry from those
 alone, and a run with built-in tasks skips the modules that cannot be imported; predictions are
-cached in a fresh folder per run (lighteval's cache key ignores the weights); sampling parameters
-come from the settings and the model's `generation_config.json` (written by `export`).
+cached in a fresh folder per run (lighteval's cache key ignores the weights); sampling is switched
+on (lighteval's transformers backend never sets `do_sample`).
 """
 
 from __future__ import annotations
@@ -223,6 +223,11 @@ def _run(job: EvalJob, model) -> dict[str, Any]:
                                     max_samples=job.max_problems)
         pipeline = Pipeline(tasks=task_string, pipeline_parameters=params, evaluation_tracker=tracker,
                             model_config=None if model else model_config(job, Path(cache)), model=model)
+        generator = getattr(pipeline.model, "model", None)
+        if job.backend == "transformers" and job.temperature > 0 and generator is not None:
+            # lighteval passes temperature/top_p but never do_sample: without it transformers
+            # decodes greedily (n identical samples) unless the folder's generation_config says so
+            generator.generation_config.do_sample = True
         pipeline.evaluate()
         pipeline.save_and_push_results()
         configs = {t.config.name: t.config for t in pipeline.tasks_dict.values()}
