@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 
 from settings.errors import UserError
+from tasks.stage import GPU_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
-GPU_LIMIT = "gpu"
 
 
 def work_pools(prefect_file: Path = PREFECT_FILE) -> list[str]:
@@ -26,7 +26,7 @@ def work_pools(prefect_file: Path = PREFECT_FILE) -> list[str]:
 def ensure_infrastructure(pools: list[str], gpus: int) -> list[str]:
     """Create what is missing (never changes what exists); returns what was created."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
     created = []
@@ -37,13 +37,25 @@ def ensure_infrastructure(pools: list[str], gpus: int) -> list[str]:
             except ObjectNotFound:
                 client.create_work_pool(WorkPoolCreate(name=name, type="process"))
                 created.append(f"work pool {name}")
+    if ensure_gpu_limit(gpus):
+        created.append(f"concurrency limit {GPU_LIMIT} ({gpus} slots)")
+    return created
+
+
+def ensure_gpu_limit(gpus: int) -> bool:
+    """Create the `gpu` global concurrency limit with `gpus` slots unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            return False
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
-                name=GPU_LIMIT, limit=gpus))
-            created.append(f"concurrency limit {GPU_LIMIT} ({gpus} slots)")
-    return created
+                name=GPU_LIMIT, limit=max(1, gpus)))
+            return True
 
 
 def deploy(gpus: int, names: list[str] | None = None, prefect_file: Path = PREFECT_FILE) -> str:

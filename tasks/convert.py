@@ -63,8 +63,14 @@ def report(manifest: Manifest) -> list[dict]:
     return json.loads(path.read_text())["prompts"]
 
 
+def gpus(settings: ConvertSettings) -> int:
+    import torch
+
+    return settings.tensor_parallel * settings.pipeline_parallel if torch.cuda.is_available() else 0
+
+
 STAGE = Stage(
     name="convert", version="1", settings=lambda s: s.convert, build=build,
     upstream=("download",), description="Megatron torch_dist checkpoint at the configured TP/PP",
-    report=report,
+    report=report, gpus=gpus,
 )

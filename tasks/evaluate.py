@@ -122,8 +122,22 @@ def markdown(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
+def gpus(settings: EvaluateSettings) -> int:
+    import torch
+
+    from tasks.evaluation.runner import EvalError, resolve_backend
+
+    try:
+        backend = resolve_backend(settings.backend)
+    except EvalError:
+        return 0  # the build refuses it in one line
+    if backend == "vllm":
+        return settings.vllm.tensor_parallel * settings.vllm.data_parallel
+    return 1 if torch.cuda.is_available() else 0
+
+
 STAGE = Stage(
     name="evaluate", version="1", settings=lambda s: s.evaluate, build=build,
-    upstream=("export", "download"), report=report, markdown=markdown,
+    upstream=("export", "download"), report=report, markdown=markdown, gpus=gpus,
     description="lighteval scores (+ base delta) and hybrid-reasoning metrics",
 )

@@ -19,6 +19,7 @@ from typing import Any
 from filelock import Timeout
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 from pydantic import BaseModel
@@ -64,6 +65,9 @@ class Stage:
     """Rows of a table the flow shows as a Prefect artifact after the stage (e.g. checks)."""
     markdown: Callable[[Manifest], str] | None = None
     """A markdown summary the flow shows as a Prefect artifact after the stage."""
+    gpus: Callable[[Any], int] | None = None
+    """GPUs the stage occupies with these settings on this machine (0 on CPU): held as slots of
+    the `gpu` global concurrency limit while it builds, so two runs never share GPUs."""
 
 
 def key_settings(section: BaseModel) -> dict[str, Any]:
@@ -144,6 +148,9 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
 
 
 # -- the thin Prefect wrapper ------------------------------------------------------------------
+GPU_LIMIT = "gpu"
+"""Global concurrency limit whose slots are GPUs (created by `rsft deploy`, or by the flow sized
+to the visible GPUs when a GPU stage runs and it does not exist)."""
 STAGE_CACHE = CacheKeyFnPolicy(cache_key_fn=lambda _ctx, params: params["cache_key"])
 
 
@@ -152,8 +159,16 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
                workdir: str, cache_key: str, force: bool = False, verify: bool = False) -> Manifest:
     """One pipeline stage as a Prefect task (the flow names it after the stage). A user mistake
     fails the task with its one-line message instead of a traceback."""
+    log = get_run_logger()
+    slots = stage.gpus(section) if stage.gpus else 0
     try:
-        return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)), force=force,
-                       verify=verify, log=get_run_logger())
+        if not slots:
+            return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)),
+                           force=force, verify=verify, log=log)
+        log.info("%s: waiting for %d slot(s) of the `%s` concurrency limit", stage.name, slots,
+                 GPU_LIMIT)
+        with concurrency(GPU_LIMIT, occupy=slots, strict=True):
+            return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)),
+                           force=force, verify=verify, log=log)
     except UserError as e:
         return Failed(message=str(e))

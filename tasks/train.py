@@ -211,8 +211,12 @@ def markdown(manifest: Manifest) -> str:
             f"Checkpoint `{manifest.dir}` (Megatron layout), loss curve `loss.png`, log `train.log`.")
 
 
+def gpus(settings: TrainSettings) -> int:
+    return settings.nproc_per_node if resolve_device(settings) == "cuda" else 0
+
+
 STAGE = Stage(
     name="train", version="1", settings=lambda s: s.train, build=build,
-    upstream=("convert", "tokenize"), report=report, markdown=markdown,
+    upstream=("convert", "tokenize"), report=report, markdown=markdown, gpus=gpus,
     description="megatron-core SFT: the final checkpoint, metrics and loss curve",
 )

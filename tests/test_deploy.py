@@ -54,3 +54,53 @@ def test_rsft_deploy_applies_pools_limit_deployments_and_schedule(prefect_api, t
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "created work pool" not in again.stdout and "created concurrency" not in again.stdout
+
+
+def test_gpu_stages_of_two_runs_take_turns_under_the_gpu_limit(prefect_api, tmp_path):
+    """Two runs whose stage needs the only GPU slot: the second waits for the first."""
+    import threading
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import ensure_gpu_limit
+    from settings.models import TrainSettings
+    from tasks.stage import GPU_LIMIT, Stage, cache_key, plan_key, stage_task
+
+    spans: list[tuple[float, float]] = []
+
+    def build(ctx):
+        start = time.monotonic()
+        time.sleep(5)
+        (ctx.out / "weights").write_text("trained")
+        spans.append((start, time.monotonic()))
+
+    stage = Stage(name="gpu_work", version="1", settings=lambda s: s.train, build=build,
+                  gpus=lambda section: 1)
+    section = TrainSettings()
+    plan = plan_key(stage, section, {})
+
+    @flow
+    def one_run(workdir: str) -> None:
+        stage_task(stage=stage, section=section, plan=plan, upstream={}, workdir=workdir,
+                   cache_key=cache_key(plan, {}, tmp_path / workdir), force=True)
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+        except Exception:
+            pass
+    assert ensure_gpu_limit(1)
+    try:
+        runs = [threading.Thread(target=one_run, args=(str(tmp_path / f"w{i}"),)) for i in range(2)]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(120)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+    assert len(spans) == 2
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert b_start >= a_end - 0.05, f"overlapping GPU stages: {spans}"
