@@ -29,7 +29,7 @@ def make_job(settings: EvaluateSettings, model: Path, out: Path):
                    backend=resolve_backend(settings.backend), max_new_tokens=settings.max_new_tokens,
                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                    batch_size=settings.batch_size, max_problems=settings.max_problems,
-                   vllm=settings.vllm.model_dump())
+                   vllm=settings.vllm)
 
 
 def evaluate_model(settings: EvaluateSettings, model: Path, out: Path) -> dict[str, Any]:

@@ -157,3 +157,20 @@ def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folde
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown task 'no_such_task'" in lines[0], bad.stderr[-2000:]
+
+
+def test_vllm_settings_reach_lightevals_vllm_config(tmp_path):
+    """The GPU path's configuration, built without a GPU (vLLM itself is imported only to run)."""
+    from settings.models import VllmSettings
+    from tasks.evaluation.runner import EvalJob, model_config
+
+    job = EvalJob(model="m", output_dir=str(tmp_path), tasks={"aime24": 64}, backend="vllm",
+                  max_new_tokens=32768, vllm=VllmSettings(max_model_length=32768, data_parallel=8,
+                                                          gpu_memory_utilization=0.85))
+    config = model_config(job, tmp_path / "cache")
+    assert type(config).__name__ == "VLLMModelConfig"
+    assert (config.dtype, config.max_model_length, config.data_parallel_size,
+            config.gpu_memory_utilization, config.add_special_tokens) == (
+        "bfloat16", 32768, 8, 0.85, False)
+    g = config.generation_parameters
+    assert (g.temperature, g.top_p, g.max_new_tokens) == (0.6, 0.95, 32768)

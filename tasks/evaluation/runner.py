@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from settings.models import VllmSettings
 from tasks.evaluation.local_tasks import LOCAL_TASKS, tasks_module
 
 log = logging.getLogger("rsft.evaluate")
@@ -53,7 +54,7 @@ class EvalJob(BaseModel):
     seed: int = 0
     batch_size: int = 8
     max_problems: int | None = None
-    vllm: dict[str, Any] = {}
+    vllm: VllmSettings = VllmSettings()
 
 
 def resolve_backend(backend: str) -> str:
@@ -155,12 +156,10 @@ def model_config(job: EvalJob, cache_dir: Path):
 
         v = job.vllm
         return VLLMModelConfig(
-            model_name=job.model, dtype=v.get("dtype", "bfloat16"),
-            max_model_length=v.get("max_model_length"), seed=job.seed,
-            gpu_memory_utilization=v.get("gpu_memory_utilization", 0.8),
-            tensor_parallel_size=v.get("tensor_parallel", 1),
-            data_parallel_size=v.get("data_parallel", 1),
-            add_special_tokens=False, generation_parameters=generation, cache_dir=str(cache_dir))
+            model_name=job.model, dtype=v.dtype, max_model_length=v.max_model_length, seed=job.seed,
+            gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel,
+            data_parallel_size=v.data_parallel, add_special_tokens=False,
+            generation_parameters=generation, cache_dir=str(cache_dir))
     import torch
     from lighteval.models.transformers.transformers_model import TransformersModelConfig
 
