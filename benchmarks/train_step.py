@@ -138,7 +138,7 @@ def main() -> None:
     from megatron_bridge.parallel import model_parallel
     from megatron_bridge.training.batches import Batches
     from megatron_bridge.training.job import TrainJob
-    from megatron_bridge.training.step import CpuStepper, per_token_loss
+    from megatron_bridge.training.step import CpuStepper, all_reduce_flat, per_token_loss
 
     hf = hf_config(args.layers, args.hidden)
     vocab = hf["vocab_size"]
@@ -189,12 +189,7 @@ def main() -> None:
         grads = [p.grad for _, p in ours.named]
 
         def flat_reduce():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=ours.dp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            all_reduce_flat(grads, ours.dp_group)
 
         def scalar_reduces():
             for _ in range(2):

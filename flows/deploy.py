@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from settings.errors import UserError
-from tasks.stage import GPU_LIMIT
+from tasks.stage import GPU_LIMIT, ensure_gpu_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
@@ -40,22 +40,6 @@ def ensure_infrastructure(pools: list[str], gpus: int) -> list[str]:
     if ensure_gpu_limit(gpus):
         created.append(f"concurrency limit {GPU_LIMIT} ({gpus} slots)")
     return created
-
-
-def ensure_gpu_limit(gpus: int) -> bool:
-    """Create the `gpu` global concurrency limit with `gpus` slots unless it exists."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-            return False
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
-                name=GPU_LIMIT, limit=max(1, gpus)))
-            return True
 
 
 def deploy(gpus: int, names: list[str] | None = None, prefect_file: Path = PREFECT_FILE) -> str:

@@ -16,7 +16,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 
-from flows.deploy import ensure_gpu_limit
 from flows.selection import Selection, resolve
 from settings.errors import UserError
 from settings.models import HubPushSettings, PipelineSettings
@@ -119,13 +118,6 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
                 raise UserError(f"stage {p.name} is needed as input but its artifact {p.plan.key} is "
                                 f"{why}; run it first (drop --only/--from) or `rsft run --until {p.name}`")
             manifests[p.name] = manifest
-    if any(BY_NAME[p.name].gpus and BY_NAME[p.name].gpus(BY_NAME[p.name].settings(settings))
-           for p in planned if p.action != "reuse"):
-        import torch
-
-        if ensure_gpu_limit(torch.cuda.device_count()):
-            log.info("created the `gpu` concurrency limit with %d slots (this machine's GPUs)",
-                     torch.cuda.device_count())
     status: dict[str, str] = {}
     for p in planned:
         if p.action == "reuse":

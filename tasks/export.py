@@ -56,8 +56,7 @@ def generation_config(base: Path, tokenizer_dir: Path, settings: ExportSettings)
     eos = [end] + ([masker.eos_id] if masker.eos_id not in (None, end) else [])
     config.update(eos_token_id=eos[0] if len(eos) == 1 else eos, do_sample=True,
                   temperature=settings.temperature, top_p=settings.top_p)
-    config.setdefault("pad_token_id", masker._hf.pad_token_id if masker._hf.pad_token_id is not None
-                      else eos[0])
+    config.setdefault("pad_token_id", masker.pad_id if masker.pad_id is not None else eos[0])
     config.pop("transformers_version", None)
     return config
 

@@ -149,8 +149,24 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
 
 # -- the thin Prefect wrapper ------------------------------------------------------------------
 GPU_LIMIT = "gpu"
-"""Global concurrency limit whose slots are GPUs (created by `rsft deploy`, or by the flow sized
-to the visible GPUs when a GPU stage runs and it does not exist)."""
+"""Global concurrency limit whose slots are GPUs (created by `rsft deploy`, or sized to the visible
+GPUs when a GPU stage first runs and it does not exist)."""
+
+
+def ensure_gpu_limit(gpus: int) -> bool:
+    """Create the `gpu` global concurrency limit with `gpus` slots unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            return False
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
+                name=GPU_LIMIT, limit=max(1, gpus)))
+            return True
 STAGE_CACHE = CacheKeyFnPolicy(cache_key_fn=lambda _ctx, params: params["cache_key"])
 
 
@@ -165,6 +181,11 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
         if not slots:
             return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)),
                            force=force, verify=verify, log=log)
+        import torch
+
+        if ensure_gpu_limit(torch.cuda.device_count()):
+            log.info("created the `%s` concurrency limit with %d slots (this machine's GPUs)",
+                     GPU_LIMIT, torch.cuda.device_count())
         log.info("%s: waiting for %d slot(s) of the `%s` concurrency limit", stage.name, slots,
                  GPU_LIMIT)
         with concurrency(GPU_LIMIT, occupy=slots, strict=True):

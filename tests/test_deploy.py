@@ -61,12 +61,14 @@ def test_gpu_stages_of_two_runs_take_turns_under_the_gpu_limit(prefect_api, tmp_
     import threading
     import time
 
+    from contextlib import suppress
+
     from prefect import flow
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
-    from flows.deploy import ensure_gpu_limit
     from settings.models import TrainSettings
-    from tasks.stage import GPU_LIMIT, Stage, cache_key, plan_key, stage_task
+    from tasks.stage import GPU_LIMIT, Stage, cache_key, ensure_gpu_limit, plan_key, stage_task
 
     spans: list[tuple[float, float]] = []
 
@@ -86,11 +88,8 @@ def test_gpu_stages_of_two_runs_take_turns_under_the_gpu_limit(prefect_api, tmp_
         stage_task(stage=stage, section=section, plan=plan, upstream={}, workdir=workdir,
                    cache_key=cache_key(plan, {}, tmp_path / workdir), force=True)
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
-        except Exception:
-            pass
+    with get_client(sync_client=True) as client, suppress(ObjectNotFound):
+        client.delete_global_concurrency_limit_by_name(GPU_LIMIT)  # another test's, if any
     assert ensure_gpu_limit(1)
     try:
         runs = [threading.Thread(target=one_run, args=(str(tmp_path / f"w{i}"),)) for i in range(2)]

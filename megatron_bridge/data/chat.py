@@ -52,6 +52,7 @@ class ChatMasker:
         self.backend.no_truncation()
         self.vocab_size = len(hf)
         self.eos_id = hf.eos_token_id
+        self.pad_id = hf.pad_token_id
         self.assistant_turns = assistant_turns
         self.control_ids = {ids[0] for t in control_tokens
                             if len(ids := hf.encode(t, add_special_tokens=False)) == 1}

@@ -44,6 +44,16 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) 
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
 
+def all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
+    """Sum tensors over the group's ranks with one collective (a flat buffer, copied back)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 class CpuStepper:
     def __init__(self, model, job: TrainJob, vocab_size: int):
         from megatron.core import parallel_state as ps
@@ -82,12 +92,7 @@ class CpuStepper:
         dist.all_reduce(loss_sum, group=self.dp_group)
         grads = [p.grad for _, p in self.named]
         if dist.get_world_size(self.dp_group) > 1:  # the global sum: already token-normalised
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.dp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            all_reduce_flat(grads, self.dp_group)
         norm = self.grad_norm()
         if self.clip and norm > self.clip:
             for g in grads:
