@@ -9,11 +9,39 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
 class BridgeError(ValueError):
     """A mistake in the input, as the bridge reported it (one line)."""
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn`: the child gets SIGKILL when the process starting it dies (Linux), so a
+    kill -9 of the flow never leaves a stage's job running on, writing into a folder that the
+    rerun uses."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        if _prctl is not None:
+            _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
+def _load_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_prctl = _load_prctl()
 
 
 def free_port() -> int:
@@ -60,7 +88,8 @@ def run_command(cmd: list[str], what: str, log_file: Path | None = None,
     interruption), log its output, and turn its `error: …` line (exit 2) into BridgeError."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+                            text=True, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent())
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

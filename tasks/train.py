@@ -14,24 +14,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from settings.errors import UserError
 from settings.models import TrainSettings
+from tasks import train_launch
 from tasks.artifacts import Manifest
 from tasks.stage import BuildContext, Stage
 
 
 def resolve_device(settings: TrainSettings) -> str:
+    """`auto`: CUDA if this machine has it — or, for a cluster launcher, if the nodes will (the
+    worker starting the job may have no GPU; set `device: cpu` for a CPU cluster)."""
     import torch
 
     if settings.device == "auto":
+        if settings.launcher != "local":
+            return "cuda"
         return "cuda" if torch.cuda.is_available() else "cpu"
     return settings.device
 
@@ -51,19 +51,6 @@ def make_job(settings: TrainSettings, checkpoint: Path, data: Path, save: Path):
         device=resolve_device(settings), seed=settings.seed, save_interval=settings.save_interval,
         keep_last=settings.keep_last, log_interval=settings.log_interval,
         recompute=settings.recompute)
-
-
-def launch_command(settings: TrainSettings, job_path: Path) -> list[str]:
-    from megatron_bridge.launch import free_port
-
-    nproc = settings.nproc_per_node
-    if nproc == 1 and settings.nnodes == 1:
-        return [sys.executable, "-m", "megatron_bridge.training", str(job_path)]
-    port = settings.master_port or free_port()
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--nnodes", str(settings.nnodes), "--node_rank", str(settings.node_rank),
-            "--master_addr", settings.master_addr, "--master_port", str(port),
-            "-m", "megatron_bridge.training", str(job_path)]
 
 
 def _progress(metrics: Path, total: int, log) -> threading.Event:
@@ -95,47 +82,6 @@ def _progress(metrics: Path, total: int, log) -> threading.Event:
     return stop
 
 
-def run_training(command: list[str], log_path: Path, timeout: float, log) -> None:
-    """Run torchrun in its own process group; forward rank-0 lines; kill the group on timeout
-    or cancellation. Raises UserError for the trainer's `error:` lines."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    deadline = time.monotonic() + timeout
-    errors: list[str] = []
-    with open(log_path, "a") as log_file:
-        log_file.write(f"$ {' '.join(command)}\n")
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env, start_new_session=True)
-        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                text = line.rstrip()
-                # torchrun prefixes worker lines with "[rankN]:" only for tracebacks; the
-                # trainer prints on rank 0 only, so forward its lines and errors.
-                if text.startswith(("step ", "training:")):
-                    log.info("train: %s", text)
-                elif "error: " in text:
-                    errors.append(text.split("error: ", 1)[1])
-            proc.wait()
-        except BaseException:  # cancelled: never leave ranks running
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        finally:
-            timer.cancel()
-    if time.monotonic() >= deadline and proc.returncode:
-        raise UserError(f"train: timed out after {timeout / 60:.0f} min (train.timeout_minutes); "
-                        "rerun to resume from the latest checkpoint")
-    if errors:
-        raise UserError(f"train: {errors[-1]}")
-    if proc.returncode:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {log_path}:\n{tail}")
-
-
 def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -149,6 +95,22 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def launch(settings: TrainSettings, job_path: Path, work: Path, log) -> None:
+    """Run the job with the configured launcher (returns when every rank has finished)."""
+    timeout = settings.timeout_minutes * 60
+    run_id = f"rsft-{work.name}"
+    if settings.launcher == "kubernetes":
+        from tasks.kubernetes_job import run_pytorchjob
+
+        run_pytorchjob(settings, job_path, work, run_id, timeout, log)
+        return
+    if settings.launcher == "slurm":
+        commands = [train_launch.slurm_command(settings, job_path, run_id)]
+    else:
+        commands = train_launch.local_commands(settings, job_path, run_id)
+    train_launch.run_agents(commands, work / "train.log", timeout, log)
 
 
 def build(ctx: BuildContext) -> None:
@@ -168,8 +130,7 @@ def build(ctx: BuildContext) -> None:
                  "from its latest checkpoint" if resumed else "fine-tuning the converted model")
     stop = _progress(job.metrics_path, settings.train_iters, ctx.log)
     try:
-        run_training(launch_command(settings, job_path), work / "train.log",
-                     settings.timeout_minutes * 60, ctx.log)
+        launch(settings, job_path, work, ctx.log)
     finally:
         stop.set()
     iteration = int(checkpoint.read_tracker(save))
@@ -212,6 +173,9 @@ def markdown(manifest: Manifest) -> str:
 
 
 def gpus(settings: TrainSettings) -> int:
+    """Slots of this host's `gpu` limit: none when the job runs on a cluster's nodes."""
+    if settings.launcher != "local":
+        return 0
     return settings.nproc_per_node if resolve_device(settings) == "cuda" else 0
 
 
