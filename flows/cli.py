@@ -250,12 +250,16 @@ def deploy_cmd(
         help="Only this deployment, as FLOW/DEPLOYMENT (repeatable); default: all.")] = None,
     gpus: Annotated[int, typer.Option(
         help="Slots of the `gpu` concurrency limit if it does not exist yet (GPUs per host).")] = 8,
+    notify: Annotated[Optional[str], typer.Option(
+        help="Notification block (`type-slug/name`) for the automations of "
+             "deployments/automations.yaml: failed, crashed and stuck runs.")] = None,
 ) -> None:
-    """Apply deployments/prefect.yaml to the Prefect API (work pools, `gpu` limit, deployments)."""
+    """Apply deployments/prefect.yaml to the Prefect API (work pools, `gpu` limit, deployments,
+    and with --notify the failure automations)."""
     from flows.deploy import deploy
 
     try:
-        typer.echo(deploy(gpus, name))
+        typer.echo(deploy(gpus, name, notify=notify))
     except UserError as e:
         fail(str(e))
 

@@ -42,8 +42,10 @@ def ensure_infrastructure(pools: list[str], gpus: int) -> list[str]:
     return created
 
 
-def deploy(gpus: int, names: list[str] | None = None, prefect_file: Path = PREFECT_FILE) -> str:
-    """Apply the deployments (all, or `names` as `flow/deployment`). Returns Prefect's output."""
+def deploy(gpus: int, names: list[str] | None = None, prefect_file: Path = PREFECT_FILE,
+           notify: str | None = None) -> str:
+    """Apply the deployments (all, or `names` as `flow/deployment`), and the failure automations
+    when a notification block is given. Returns what was created and Prefect's output."""
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -52,6 +54,10 @@ def deploy(gpus: int, names: list[str] | None = None, prefect_file: Path = PREFE
                             "and export PREFECT_API_URL=http://127.0.0.1:4200/api")
     pools = work_pools(prefect_file)
     created = ensure_infrastructure(pools, gpus)
+    if notify:
+        from flows.notify import ensure_automations
+
+        created += ensure_automations(notify)
     select = ["--all"] if not names else [a for n in names for a in ("--name", n)]
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", *select,
            "--prefect-file", str(prefect_file)]

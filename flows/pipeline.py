@@ -14,14 +14,18 @@ from typing import Literal
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
-from prefect.states import Failed
+from prefect.states import Failed, State
+from prefect.transactions import transaction
 
+from flows.notify import on_run_failed
 from flows.selection import Selection, resolve
 from settings.errors import UserError
 from settings.models import HubPushSettings, PipelineSettings
 from tasks import BY_NAME, STAGE_NAMES, hub_push
 from tasks.artifacts import ArtifactStore, Manifest
-from tasks.stage import STAGE_CACHE, StagePlan, cache_key, plan_key, stage_task
+from tasks.retry import gave_up, is_transient, retry_options, retry_transient
+from tasks.stage import (STAGE_CACHE, StagePlan, cache_key, plan_key, stage_task,
+                         verify_published)
 
 
 @dataclass
@@ -71,7 +75,8 @@ def _run_name() -> str:
     return f"{name}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
 
 
-@flow(name="sft-pipeline", flow_run_name=_run_name, log_prints=True)
+@flow(name="sft-pipeline", flow_run_name=_run_name, log_prints=True,
+      on_failure=[on_run_failed], on_crashed=[on_run_failed])
 def sft_pipeline(
     settings: PipelineSettings = PipelineSettings(),
     from_stage: str | None = None,
@@ -98,7 +103,8 @@ def sft_pipeline(
 StageName = Literal[tuple(STAGE_NAMES)]  # type: ignore[valid-type]
 
 
-@flow(name="rerun-stage", flow_run_name=_run_name, log_prints=True)
+@flow(name="rerun-stage", flow_run_name=_run_name, log_prints=True,
+      on_failure=[on_run_failed], on_crashed=[on_run_failed])
 def rerun_stage(settings: PipelineSettings = PipelineSettings(), stage: StageName = "evaluate",
                 verify: bool = False) -> dict[str, Manifest]:
     """Rebuild one stage from its existing inputs (which must be built); nothing downstream runs.
@@ -133,25 +139,12 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
             name=p.name, task_run_name=p.name, refresh_cache=force or existing is None,
             cache_policy=STAGE_CACHE.configure(key_storage=workdir / "prefect" / "cache-keys"),
             result_storage=workdir / "prefect" / "results",
+            **(retry_options(settings.retries) if stage.network else {}),
         )
         args = dict(stage=stage, section=stage.settings(settings), plan=p.plan, upstream=upstream,
                     workdir=str(workdir), cache_key=cache_key(p.plan, upstream, workdir), force=force,
                     verify=verify)
-        state = task(**args, return_state=True)
-        if state.is_failed():
-            if isinstance(error := state.result(raise_on_failure=False), BaseException):
-                raise error  # a bug, not a user mistake: fail with its traceback
-            message = state.message or "failed"
-            raise UserError(message if message.startswith(p.name) else f"{p.name}: {message}")
-        manifest = state.result()
-        if state.name == "Cached":  # refresh_cache was off, so `existing` is an intact artifact
-            if manifest.content_hash == existing.content_hash:
-                manifest = existing  # the disk's manifest: right even if the workdir moved
-            else:
-                log.warning("%s: cache record disagrees with the artifact on disk; refreshing",
-                            p.name)
-                state = task.with_options(refresh_cache=True)(**args, return_state=True)
-                manifest = state.result()
+        state, manifest = _build(task, args, stage, existing, settings, log)
         manifests[p.name] = manifest
         status[p.name] = state.name
         if stage.report and (rows := stage.report(manifest)):
@@ -167,7 +160,39 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
     return manifests
 
 
-@task(name="push", task_run_name="push")
+def _build(task, args: dict, stage, existing: Manifest | None, settings: PipelineSettings,
+           log) -> tuple[State, Manifest]:
+    """Run a stage's task and check what it published, in one transaction: if the check fails,
+    the transaction rolls back — the stage task's rollback hook withdraws the artifact and no
+    cache record is written — so nothing a later run would trust is left behind."""
+    name = stage.name
+    with transaction():
+        state = task(**args, return_state=True)
+        if not state.is_failed():  # a failed task published nothing: the run fails below
+            manifest = state.result()
+            if state.name == "Cached":  # refresh_cache was off: `existing` is an intact artifact
+                if manifest.content_hash == existing.content_hash:
+                    return state, existing  # the disk's manifest: right even if the workdir moved
+                log.warning("%s: cache record disagrees with the artifact on disk; refreshing",
+                            name)
+                state = task.with_options(refresh_cache=True)(**args, return_state=True)
+                manifest = state.result()
+            try:
+                verify_published(stage, manifest, args["workdir"])
+            except Exception as e:  # noqa: BLE001 - any failure of the check withdraws it
+                raise UserError(f"{name}: the published artifact failed its verification "
+                                f"({type(e).__name__}: {e}); it was rolled back — rerun to "
+                                "rebuild it") from e
+            return state, manifest
+    if isinstance(error := state.result(raise_on_failure=False), BaseException):
+        if stage.network and is_transient(error):
+            raise UserError(gave_up(name, error, settings.retries)) from error
+        raise error  # a bug, not a user mistake: fail with its traceback
+    message = state.message or "failed"
+    raise UserError(message if message.startswith(name) else f"{name}: {message}")
+
+
+@task(name="push", task_run_name="push", retry_condition_fn=retry_transient)
 def push_task(export: Manifest, card: str, push: HubPushSettings) -> dict:
     return hub_push.push(export, card, push, get_run_logger())
 
@@ -176,10 +201,12 @@ def _push(manifests: dict[str, Manifest], settings: PipelineSettings, log) -> No
     """Upload the export, with the evaluated model card when `evaluate` ran (idempotent)."""
     card_file = (manifests["evaluate"].dir / "model_card.md" if "evaluate" in manifests
                  else manifests["export"].dir / "README.md")
-    state = push_task(manifests["export"], card_file.read_text(), settings.export.push,
-                      return_state=True)
+    state = push_task.with_options(**retry_options(settings.retries))(
+        manifests["export"], card_file.read_text(), settings.export.push, return_state=True)
     if state.is_failed():
         error = state.result(raise_on_failure=False)
+        if isinstance(error, BaseException) and is_transient(error):
+            raise UserError(gave_up("push", error, settings.retries)) from error
         raise error if isinstance(error, BaseException) else RuntimeError(state.message)
     result = state.result()
     create_table_artifact([{"file": f} for f in result["files"]], key="push-files",

@@ -224,6 +224,39 @@ class TokenizeSettings(Strict):
     """Tokenizer processes (0 = one per CPU core). The output bytes do not depend on it."""
 
 
+class SlurmLaunchSettings(Strict):
+    """`train.launcher: slurm`: the flow (its Prefect worker) runs inside a Slurm allocation of
+    `train.nnodes` nodes (see deployments/slurm/); the stage runs one torchrun agent per node with
+    `srun`. Never part of an artifact key."""
+
+    srun_args: list[str] = not_in_key(default_factory=list)
+    """Extra `srun` flags, e.g. `["--gpus-per-node=8", "--cpus-per-task=64"]`."""
+
+
+class KubernetesLaunchSettings(Strict):
+    """`train.launcher: kubernetes`: the stage creates a Kubeflow PyTorchJob (one pod per node),
+    streams its master's log and waits for it. The workdir must be a shared volume mounted at the
+    same path in the pods. Never part of an artifact key."""
+
+    image: str = not_in_key(default="")
+    """Container image with this project installed (required for this launcher)."""
+    namespace: str = not_in_key(default="default")
+    """Namespace of the PyTorchJob."""
+    volume_claim: str = not_in_key(default="")
+    """ReadWriteMany PersistentVolumeClaim whose root is the workdir, mounted in the pods at the
+    workdir's absolute path, the same path as on the worker (required)."""
+    gpus_per_pod: int | None = not_in_key(default=None, ge=0)
+    """`nvidia.com/gpu` limit per pod (default: `nproc_per_node` on CUDA, 0 on CPU; fewer than
+    `nproc_per_node` on CUDA is refused)."""
+    service_account: str | None = not_in_key(default=None)
+    """Service account of the pods."""
+    node_selector: dict[str, str] = not_in_key(default_factory=dict)
+    """Node labels the pods must match."""
+    kubectl: str = not_in_key(default="kubectl")
+    """The kubectl executable (its current context selects the cluster; it needs pytorchjobs
+    get/create/patch/delete, pods get/list and pods/log get)."""
+
+
 class TrainSettings(Strict):
     """Stage `train`: megatron-core SFT under torchrun."""
 
@@ -232,13 +265,17 @@ class TrainSettings(Strict):
     nproc_per_node: int = Field(default=1, ge=1)
     """Processes (GPUs) per node."""
     nnodes: int = Field(default=1, ge=1)
-    """Nodes in the torchrun job (each runs the stage's torchrun command with its node rank)."""
-    node_rank: int = not_in_key(default=0, ge=0)
-    """This node's rank in a multi-node job."""
-    master_addr: str = not_in_key(default="127.0.0.1")
-    """Rendezvous host of a multi-node job (node 0's address)."""
-    master_port: int = not_in_key(default=0, ge=0)
-    """Rendezvous port (0: a free port, single node only)."""
+    """Nodes in the torchrun job: one torchrun agent per node, meeting at a c10d rendezvous."""
+    launcher: Literal["local", "slurm", "kubernetes"] = not_in_key(default="local")
+    """How the agents start: `local` (all `nnodes` agents on this machine: one node, or a
+    multi-node rehearsal on loopback), `slurm` (`srun` one agent per node of the allocation the
+    flow runs in), `kubernetes` (a PyTorchJob created and watched from the task)."""
+    rdzv_port: int = not_in_key(default=0, ge=0, le=65535)
+    """Rendezvous port on the first node (0: a free port locally, 29500 under Slurm)."""
+    slurm: SlurmLaunchSettings = not_in_key(default_factory=SlurmLaunchSettings)
+    """`launcher: slurm` options."""
+    kubernetes: KubernetesLaunchSettings = not_in_key(default_factory=KubernetesLaunchSettings)
+    """`launcher: kubernetes` options."""
     tensor_parallel: int = Field(default=1, ge=1)
     """Tensor-parallel size of training (any layout loads the converted checkpoint)."""
     pipeline_parallel: int = Field(default=1, ge=1)
@@ -416,6 +453,27 @@ class EvaluateSettings(Strict):
         return v
 
 
+class RetrySettings(Strict):
+    """Retries of the steps that talk to a network (the `download` stage and the hub `push`), for
+    transient failures only: a refused or dropped connection, a timeout, an HTTP 429 or 5xx. A
+    mistake (unknown repo, no access, bad input) fails at once."""
+
+    attempts: int = not_in_key(default=3, ge=0, le=20)
+    """Retries after the first try (0: none)."""
+    delay_seconds: float = not_in_key(default=30.0, ge=0)
+    """Wait before the first retry; doubled before each next one."""
+
+
+class NotifySettings(Strict):
+    """Where to tell people that a run failed or crashed (the flow's own hook; a process killed
+    outright cannot run hooks, so `rsft deploy --notify BLOCK` also adds a server-side
+    automation for crashed runs)."""
+
+    block: str | None = None
+    """A Prefect notification block, as `type-slug/name` (e.g. `slack-webhook/ml-alerts`,
+    `custom-webhook/pager`); null: no notification."""
+
+
 class PipelineSettings(Strict):
     """The whole pipeline: where artifacts live and every stage's settings."""
 
@@ -432,3 +490,7 @@ class PipelineSettings(Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    """Retries of network steps on transient failures."""
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    """Notification on failed or crashed runs."""

@@ -244,6 +244,16 @@ class ArtifactStore:
         fsync_path(final)
 
     @staticmethod
+    def unpublish(final: Path) -> None:
+        """Withdraw a published artifact: its manifest goes first (so nothing trusts the rest),
+        then the folder is moved aside and removed."""
+        (final / MANIFEST).unlink(missing_ok=True)
+        fsync_path(final)
+        trash = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
     def _sweep_stale(stage_dir: Path) -> None:
         """Remove temp/trash dirs left by killed processes (never those of a live builder)."""
         for d in stage_dir.glob(".*-*"):

@@ -19,6 +19,7 @@ from typing import Any
 from settings.errors import UserError
 from settings.models import HF_SOURCE, DownloadSettings
 from tasks.artifacts import ensure_free_space, progress
+from tasks.retry import is_network_error
 from tasks.builtin_models import build_builtin, builtin_fingerprint
 from tasks.stage import BuildContext, Stage
 
@@ -94,13 +95,6 @@ def resolve_revision(repo: str, revision: str, token: str | None, repo_type: str
         raise UserError(f"{field}: cannot reach the Hugging Face Hub to resolve "
                         f"hf://{repo}@{revision} ({type(e).__name__}: {e}); check the network, pin "
                         "a commit, or set HF_HUB_OFFLINE=1 to use the local cache") from None
-
-
-def is_network_error(e: BaseException) -> bool:
-    """Connection failures from whichever HTTP stack huggingface_hub uses."""
-    module = type(e).__module__.split(".")[0]
-    return isinstance(e, (ConnectionError, TimeoutError)) or module in {
-        "httpx", "httpx2", "httpcore", "requests", "urllib3"}
 
 
 def local_dir(source: str) -> Path:
@@ -202,6 +196,6 @@ def build(ctx: BuildContext) -> None:
 
 STAGE = Stage(
     name="download", version="1", settings=lambda s: s.download, build=build,
-    fingerprint=fingerprint,
+    fingerprint=fingerprint, network=True,
     description="the base HF model folder (hub, local dir or built-in)",
 )

@@ -116,8 +116,24 @@ def markdown(manifest: Manifest) -> str:
             "`AutoModelForCausalLM.from_pretrained(...)`; the model card is its `README.md`.")
 
 
+def verify_folder(manifest: Manifest) -> None:
+    """The folder, where it was published, is what users load: transformers reads its config,
+    generation config and tokenizer, and every weight file the index names is there."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    folder = manifest.dir
+    AutoConfig.from_pretrained(folder)
+    GenerationConfig.from_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder)
+    index = folder / "model.safetensors.index.json"
+    shards = (set(json.loads(index.read_text())["weight_map"].values()) if index.is_file()
+              else {"model.safetensors"})
+    if missing := sorted(f for f in shards if not (folder / f).is_file()):
+        raise RuntimeError(f"weight file {missing[0]} is missing")
+
+
 STAGE = Stage(
-    name="export", version="1", settings=lambda s: s.export, build=build,
+    name="export", version="1", settings=lambda s: s.export, build=build, verify=verify_folder,
     upstream=("train", "patch_tokenizer", "download", "dataset"), report=report, markdown=markdown,
     description="Hugging Face model folder: safetensors, patched tokenizer, generation config, card",
 )

@@ -18,6 +18,7 @@ from settings.models import HubPushSettings
 from tasks.artifacts import Manifest
 from tasks.download import read_secret
 from tasks.export import NOT_UPLOADED
+from tasks.retry import is_transient
 
 
 def files_to_upload(folder: Path) -> list[str]:
@@ -62,6 +63,8 @@ def push(export: Manifest, card: str, settings: HubPushSettings, log: logging.Lo
         commit = api.create_commit(settings.repo, operations, revision=revision,
                                    commit_message=f"rsft export {export.key}")
     except HfHubHTTPError as e:  # the message never contains the token
+        if is_transient(e):
+            raise  # retried by the push task
         raise UserError(f"push: the Hub refused {settings.repo}@{revision}: "
                         f"{str(e).splitlines()[0]}") from None
     log.info("push: uploaded %d files to %s", len(files), commit.commit_url)

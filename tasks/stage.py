@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 from prefect.states import Failed
+from prefect.transactions import get_transaction
 from pydantic import BaseModel
 
 from settings.errors import UserError
@@ -65,6 +67,12 @@ class Stage:
     """Rows of a table the flow shows as a Prefect artifact after the stage (e.g. checks)."""
     markdown: Callable[[Manifest], str] | None = None
     """A markdown summary the flow shows as a Prefect artifact after the stage."""
+    network: bool = False
+    """The stage talks to a network (the Hub): its transient failures are retried
+    (settings `retries`)."""
+    verify: Callable[[Manifest], None] | None = None
+    """The stage's own check of its artifact in its final place (after every file's hash was
+    re-read from there), run right after publishing; raises to roll the artifact back."""
     gpus: Callable[[Any], int] | None = None
     """GPUs the stage occupies with these settings on this machine (0 on CPU): held as slots of
     the `gpu` global concurrency limit while it builds, so two runs never share GPUs."""
@@ -116,9 +124,10 @@ def cache_key(plan: StagePlan, upstream: dict[str, Manifest], workdir: Path) -> 
 
 def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[str, Manifest],
             store: ArtifactStore, force: bool = False, verify: bool = False,
-            log: logging.Logger | None = None) -> Manifest:
+            log: logging.Logger | None = None,
+            on_publish: Callable[[Manifest], None] | None = None) -> Manifest:
     """Reuse the artifact if it is intact and was built from this exact upstream content;
-    otherwise build and publish it atomically. Idempotent."""
+    otherwise build and publish it atomically (and call `on_publish`). Idempotent."""
     log = log or logging.getLogger(f"rsft.{stage.name}")
     inputs = {u: m.content_hash for u, m in upstream.items()}
     lock = store.lock(stage.name, plan.key)
@@ -142,6 +151,8 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
     finally:
         lock.release()
     assert build.manifest is not None
+    if on_publish is not None:
+        on_publish(build.manifest)
     log.info("%s: published %s (%d files, %.1f MB)", stage.name, build.manifest.dir,
              len(build.manifest.files), build.manifest.size / 1e6)
     return build.manifest
@@ -177,10 +188,11 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
     fails the task with its one-line message instead of a traceback."""
     log = get_run_logger()
     slots = stage.gpus(section) if stage.gpus else 0
+    run = partial(execute, stage, section, plan, upstream, ArtifactStore(Path(workdir)),
+                  force=force, verify=verify, log=log, on_publish=_record_publication)
     try:
         if not slots:
-            return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)),
-                           force=force, verify=verify, log=log)
+            return run()
         import torch
 
         if ensure_gpu_limit(torch.cuda.device_count()):
@@ -189,7 +201,35 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
         log.info("%s: waiting for %d slot(s) of the `%s` concurrency limit", stage.name, slots,
                  GPU_LIMIT)
         with concurrency(GPU_LIMIT, occupy=slots, strict=True):
-            return execute(stage, section, plan, upstream, ArtifactStore(Path(workdir)),
-                           force=force, verify=verify, log=log)
+            return run()
     except UserError as e:
         return Failed(message=str(e))
+
+
+# -- transactions: a stage failing its verification rolls its artifact back ---------------------
+def _record_publication(manifest: Manifest) -> None:
+    """Remember, in the task's transaction, the artifact this attempt published (a reused one is
+    never rolled back)."""
+    if (txn := get_transaction()) is not None:
+        txn.set("published", manifest.path)
+
+
+@stage_task.on_rollback
+def _unpublish(txn) -> None:
+    if path := txn.get("published", None):
+        ArtifactStore.unpublish(Path(path))
+
+
+class VerificationError(RuntimeError):
+    """A freshly published artifact failed its verification (it was rolled back)."""
+
+
+def verify_published(stage: Stage, manifest: Manifest, workdir: str) -> None:
+    """Re-read every file's hash of the published artifact from its final place, then run the
+    stage's own check. Raises on any difference (→ the flow rolls the artifact back)."""
+    store = ArtifactStore(Path(workdir))
+    found, why = store.check(stage.name, manifest.key, verify=True)
+    if found is None or found.content_hash != manifest.content_hash:
+        raise VerificationError(f"the published artifact does not read back as built ({why})")
+    if stage.verify is not None:
+        stage.verify(found)

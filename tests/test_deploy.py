@@ -27,8 +27,13 @@ def test_rsft_deploy_applies_pools_limit_deployments_and_schedule(prefect_api, t
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    CustomWebhookNotificationBlock(name="ops", url="http://127.0.0.1:9/hook").save(
+        "rsft-deploy-ops", overwrite=True)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--gpus", "2"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--gpus", "2", "--notify",
+                           "custom-webhook/rsft-deploy-ops"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with get_client(sync_client=True) as client:
@@ -44,16 +49,26 @@ def test_rsft_deploy_applies_pools_limit_deployments_and_schedule(prefect_api, t
         (schedule,) = weekly.schedules
         assert schedule.active and schedule.schedule.cron == "0 3 * * 1"
         client.read_deployment_by_name("sft-pipeline/thinkless-warmup-1.5b")
+        block = client.read_block_document_by_name("rsft-deploy-ops", "custom-webhook")
+        (crashed,) = client.read_automations_by_name("rsft-run-failed-or-crashed")
+        assert "prefect.flow-run.Crashed" in crashed.trigger.expect
+        assert crashed.actions[0].block_document_id == block.id
+        assert client.read_automations_by_name("rsft-run-stuck-pending")
         # parameters are the typed settings: an invalid one is refused when the run is created
         with pytest.raises(Exception, match="lr|greater"):
             client.create_flow_run_from_deployment(
                 tiny.id, parameters={"settings": {**tiny.parameters["settings"],
                                                   "train": {"lr": -1.0}}})
     # Applying again changes nothing that exists.
-    again = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=tmp_path, env=env,
+    again = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--notify",
+                            "custom-webhook/rsft-deploy-ops"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert "created work pool" not in again.stdout and "created concurrency" not in again.stdout
+    assert not [line for line in again.stdout.splitlines() if line.startswith("created ")]
+    missing = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--notify",
+                              "custom-webhook/absent"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "no Prefect block 'custom-webhook/absent'" in missing.stderr
 
 
 def test_gpu_stages_of_two_runs_take_turns_under_the_gpu_limit(prefect_api, tmp_path):
