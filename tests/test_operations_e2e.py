@@ -217,6 +217,9 @@ def test_deployment_run_builds_every_stage_through_the_worker(ops, first_run):
     # the worker ran the flow in the project copy: its artifacts are there
     for stage in STAGES:
         assert list((ops.project / "rsft-work" / "artifacts" / stage).glob("*/manifest.json"))
+    # the shipped eval copies suffice (no ../shared beside the project)
+    (results,) = (ops.project / "rsft-work").glob("artifacts/evaluate/*/results.json")
+    assert set(json.loads(results.read_text())["scores"]) == {"math_500_local", "aime24_local"}
 
 
 def test_second_deployment_run_is_all_cached(ops, first_run):
