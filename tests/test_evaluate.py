@@ -151,6 +151,13 @@ def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folde
     assert all(len(t) <= 8 for r in details["model_response"] for t in r["output_tokens"])
     assert all(r["text"][0] != r["text"][1] for r in details["model_response"])  # sampled
     assert "math_500_local" in proc.stdout and "mode" in proc.stdout
+    # sampled, yet reproducible: the same seed gives the same samples in a new process
+    rsft("eval", "--model", str(hf_folder), "--out", str(tmp_path / "again"), "--tasks",
+         "math_500_local=2", "--set", "max_problems=2", "--set", "max_new_tokens=8", cwd=tmp_path,
+         env=cli_env, timeout=600, check=True)
+    again = pd.read_parquet(tmp_path / "again" / "details" / "math_500_local.parquet")
+    assert [list(r["text"]) for r in again["model_response"]] == \
+        [list(r["text"]) for r in details["model_response"]]
 
     bad = rsft("eval", "--model", str(hf_folder), "--out", str(tmp_path / "bad"), "--tasks",
                "no_such_task", cwd=tmp_path, env=cli_env, timeout=600)

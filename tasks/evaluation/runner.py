@@ -227,6 +227,11 @@ def _run(job: EvalJob, model) -> dict[str, Any]:
             # lighteval passes temperature/top_p but never do_sample: without it transformers
             # decodes greedily (n identical samples) unless the folder's generation_config says so
             generator.generation_config.do_sample = True
+        # lighteval seeds `random` and numpy only; sampling draws from torch's generator, so an
+        # unseeded run scores differently each time (found by the crash drills' reruns)
+        from transformers import set_seed
+
+        set_seed(job.seed)
         pipeline.evaluate()
         pipeline.save_and_push_results()
         configs = {t.config.name: t.config for t in pipeline.tasks_dict.values()}
