@@ -250,8 +250,15 @@ def _run(job: EvalJob, model) -> dict[str, Any]:
         shutil.move(found[0], target)
         hybrid[name] = hybrid_metrics(target, sample_scorer(config))
     shutil.rmtree(raw / "details", ignore_errors=True)  # moved above; lighteval's JSON stays
+    # lighteval returns tasks in no fixed order: keep the order they were asked in
+    order = {name: i for i, name in enumerate(job.tasks)}
+
+    def ordered(d: dict) -> dict:
+        return {k: d[k] for k in sorted(d, key=lambda k: (order.get(k, len(order)), k))}
+
     summary = {"model": str(folder or job.model), "backend": job.backend, "tasks": job.tasks,
-               "max_problems": job.max_problems, "scores": scores, "hybrid": hybrid}
+               "max_problems": job.max_problems, "scores": ordered(scores),
+               "hybrid": ordered(hybrid)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
 
