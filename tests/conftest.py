@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,28 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def settled_task_runs(client, flow_run_filter, timeout: float = 60.0) -> list:
+    """The flow runs' task runs once the API has recorded their final states.
+
+    Prefect 3 reports task-run states as events the server records asynchronously (retrying
+    when sqlite is busy), so right after a flow returns a task run can still lack its state,
+    show an older one, or be missing: wait until all are final and two reads agree."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        runs = client.read_task_runs(flow_run_filter=flow_run_filter)
+        snapshot = sorted((str(r.id), r.state_name, r.run_count) for r in runs)
+        if snapshot == previous and all(r.state and r.state.is_final() for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task runs not settled after {timeout:.0f} s: {snapshot}")
+        previous = snapshot
+        time.sleep(0.5)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, settled_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -93,8 +93,7 @@ class Ops:
             subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
             ids = [run_id, *(r.id for r in subflows)]
-            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=ids)))
+            tasks = settled_task_runs(client, FlowRunFilter(id=FlowRunFilterId(any_=ids)))
         return sorted((t.name, t.state.name) for t in tasks if t.name in STAGES)
 
 

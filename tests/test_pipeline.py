@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import sft_pipeline
 from settings import load_settings
-from tests.conftest import make_hf_cache
+from tests.conftest import make_hf_cache, settled_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -28,7 +28,7 @@ def run(workdir: Path, *overrides: str, **selection):
     state = sft_pipeline(settings=settings, return_state=True, **selection)
     with get_client(sync_client=True) as client:
         flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        task_runs = client.read_task_runs(flow_run_filter=flow_filter)
+        task_runs = settled_task_runs(client, flow_filter)
         artifacts = client.read_artifacts(flow_run_filter=flow_filter)
     states = {tr.name: tr.state.name for tr in task_runs}
     return state, states, {a.key for a in artifacts if a.key}
