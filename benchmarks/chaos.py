@@ -30,9 +30,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as `python benchmarks/chaos.py`, this folder comes first on sys.path, where
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` (imported by `inspect`):
-# put the checkout it belongs to there instead (the runs it starts use that checkout too).
+# Import the checkout this script belongs to (the runs it starts use that checkout too), not
+# whichever one is pip-installed: drills are run from snapshots of the tree.
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -23,21 +23,12 @@ Target: ours ≤ 1.10× bare step time (median; the median of the per-pair ratio
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# `python benchmarks/train_step.py` puts this folder first on sys.path, where benchmarks/tokenize.py
-# would shadow the standard library's `tokenize` (imported by inspect, linecache, …): the repo root
-# instead.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-sys.path.insert(0, str(ROOT))
-
 import argparse
 import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch

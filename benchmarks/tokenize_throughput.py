@@ -14,19 +14,10 @@ Measured, on the same texts and all cores:
 Targets: pipeline ≥ 0.9× raw tokens/s; best-fit-decreasing packing ≥ 98% of the row slots at
 seq 4096 and 16384 (shown next to the padded layout, one sample per row).
 
-    python benchmarks/tokenize.py [--min-tokens 3000000] [--seq 16384] [--seed-samples 300]
+    python benchmarks/tokenize_throughput.py [--min-tokens 3000000] [--seq 16384] [--seed-samples 300]
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# `python benchmarks/tokenize.py` puts this folder first on sys.path, where this file would shadow
-# the standard library's `tokenize` (imported by inspect, linecache, …): the repo root instead.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-sys.path.insert(0, str(ROOT))
 
 import argparse
 import json
@@ -35,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +37,7 @@ from megatron_bridge.data.pipeline import CHUNK, Options, tokenize_split
 # Anything heavier is imported inside functions: the pipeline's spawned workers re-import this
 # script (as __mp_main__), and its imports would be counted as the pipeline's start-up.
 
+ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared/assets/data/openmathreasoning_r1_505.jsonl"
 TOKENIZER = ROOT / "examples/tokenizers/deepseek-r1-distill-qwen-1.5b"
 
