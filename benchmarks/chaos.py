@@ -16,10 +16,10 @@ reruns `rsft run` to completion, re-hashes every artifact and compares each stag
 with the baseline's. A kill that lands after the stage already published is reported as `late`
 and is not counted as a kill in that stage (the drill is retried with a shorter delay).
 
-"Identical" is `content_hash` equality where the stage is reproducible byte for byte. Where two
-uninterrupted runs already differ (logs, timings, the temp path and uuid torch DCP writes into a
-checkpoint's `.metadata`, lighteval's timestamped results file),
-the files are compared after normalising exactly those parts (see VOLATILE) and the verdict is
+"Identical" is `content_hash` equality: the content hash leaves out what records how a build
+went (logs, timings) and the temp path and uuid torch DCP writes into a checkpoint's `.metadata`,
+so every stage but evaluate rebuilds to the same hash. Evaluate's files hold absolute paths and
+lighteval's timestamped results file: those are compared normalised (see VOLATILE), verdict
 `equal*`; anything else that differs is `DIFF` and fails the drill. Each drill's logs stay under
 `<workdir>/drills/<n>-<stage>/`; the copied artifacts of passed drills are removed (`--keep`).
 Exits non-zero unless every drill passed.
@@ -38,7 +38,6 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 import argparse
 import contextlib
 import json
-import pickle
 import random
 import re
 import shutil
@@ -63,24 +62,18 @@ SERVER_MARK = "uvicorn"
 """Prefect's ephemeral API server, a child of `rsft run` in the same process group."""
 TMP_NAME = re.compile(r"\.tmp-([0-9a-f]{16})-\d+-[0-9a-f]{8}")
 
-# Files that differ between two uninterrupted runs, and how they are compared instead of by hash.
+# Content files that differ between two uninterrupted runs, and how they are compared instead.
 VOLATILE: list[tuple[str, str, str]] = [
     # (stage glob, file glob, rule)
-    ("*", "*.log", "log"),
-    ("*", "*.metadata", "dcp-metadata"),
-    ("train", "metrics.jsonl", "metrics"),
     ("evaluate", "job.json", "paths"),
     ("evaluate", "results.json", "paths"),
     ("evaluate", "lighteval/results/*/results_*.json", "lighteval-results"),
 ]
 RULE_WHY = {
-    "log": "logs (timestamps, pids, timings)",
-    "dcp-metadata": "torch DCP .metadata: the temp dir path and a save uuid (compared without them)",
-    "metrics": "train metrics: seconds, tokens/s, memory (compared without them)",
+    "record": "records of the build (logs, timings): outside the content hash",
     "paths": "absolute workdir/temp paths (compared with them normalised)",
     "lighteval-results": "lighteval's own results file: timestamp in its name and timings",
 }
-TIMING_KEYS = {"seconds", "tokens_per_s", "memory_gb"}
 
 
 # -- comparing artifacts ---------------------------------------------------------------------------
@@ -95,24 +88,9 @@ def _name(stage: str, path: str) -> str:
     return path
 
 
-def _dcp_metadata(path: Path) -> dict:
-    import torch  # noqa: F401  (the pickle holds torch.distributed.checkpoint classes)
-
-    with open(path, "rb") as f:
-        meta = pickle.load(f)  # our own artifact's file
-    return {k: v for k, v in vars(meta).items() if k != "storage_meta"}
-
-
-def _normalised(rule: str, path: Path, root: Path) -> object:
-    if rule == "dcp-metadata":
-        return _dcp_metadata(path)
-    if rule == "metrics":
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-                for line in path.read_text().splitlines()]
-    if rule == "paths":
-        text = path.read_text().replace(str(root), "<workdir>")
-        return TMP_NAME.sub(r"\1", text)
-    raise ValueError(rule)
+def _normalised(path: Path, root: Path) -> str:
+    """A `paths` file with the workdir and temp dir names replaced."""
+    return TMP_NAME.sub(r"\1", path.read_text().replace(str(root), "<workdir>"))
 
 
 def compare(stage: str, base: Manifest, other: Manifest, base_root: Path, other_root: Path
@@ -133,10 +111,10 @@ def compare(stage: str, base: Manifest, other: Manifest, base_root: Path, other_
     for name in sorted(a):
         if a[name].sha256 == b[name].sha256:
             continue
-        rule = _rule(stage, a[name].path)
-        if rule in ("dcp-metadata", "metrics", "paths"):
-            same = (_normalised(rule, base.dir / a[name].path, base_root)
-                    == _normalised(rule, other.dir / b[name].path, other_root))
+        rule = "record" if a[name].record else _rule(stage, a[name].path)
+        if rule == "paths":
+            same = (_normalised(base.dir / a[name].path, base_root)
+                    == _normalised(other.dir / b[name].path, other_root))
         else:
             same = rule is not None
         (volatile if same else diff).append(f"{name} ({rule})" if rule else name)

@@ -9,14 +9,21 @@ when complete:
 
 A directory without a valid manifest, or whose files do not match it, is never trusted: `check`
 reports why and the caller rebuilds it. Sizes are always checked; content hashes with `verify`.
+
+The content hash (what downstream stages are keyed on) covers what the artifact *is*, not how a
+particular build went: record files (logs, timings) are kept and verified but left out, and a
+torch DCP `.metadata` counts without the save's temp path and uuid. So a deterministic stage
+rebuilt for any reason (forced, deleted, corrupted) keeps its downstream stages cached.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -36,12 +43,18 @@ MANIFEST = "manifest.json"
 KEY_LENGTH = 16
 _CHUNK = 1 << 20
 PROGRESS_MIN_BYTES = 256 << 20
+RECORDS = ("*.log",)
+"""Files every stage keeps as a record of its build, outside the content hash."""
 
 
 class FileEntry(BaseModel):
     path: str
     size: int
     sha256: str
+    content_sha256: str | None = None
+    """The hash that counts for the content hash when it is not `sha256` (DCP `.metadata`)."""
+    record: bool = False
+    """A record of the build (log, timings): verified, but not part of the content hash."""
 
 
 class Manifest(BaseModel):
@@ -60,7 +73,8 @@ class Manifest(BaseModel):
     """Stage-specific facts about the output (deterministic: no timestamps)."""
     files: list[FileEntry]
     content_hash: str
-    """Hash over every file's path and sha256 and `meta`: equal content ⇔ equal hash."""
+    """Hash over `meta` and every non-record file's path and content sha256: equal content ⇔
+    equal hash."""
     created_unix: float = 0.0
     build_seconds: float = 0.0
 
@@ -90,8 +104,25 @@ def sha256_file(path: Path) -> str:
 
 
 def content_hash(files: list[FileEntry], meta: dict[str, Any]) -> str:
-    material = {"files": sorted((f.path, f.sha256) for f in files), "meta": meta}
+    material = {"files": sorted((f.path, f.content_sha256 or f.sha256) for f in files
+                                if not f.record), "meta": meta}
     return hashlib.sha256(_canonical(material)).hexdigest()
+
+
+def dcp_metadata_sha256(path: Path) -> str | None:
+    """sha256 of a torch DCP `.metadata` without its `storage_meta` (the path it was saved to and
+    a random save id), entries in sorted order; None if the file is not one."""
+    import torch.distributed.checkpoint  # noqa: F401  (the classes the pickle refers to)
+
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)  # noqa: S301  (a file this stage has just written)
+        fields = {k: v for k, v in vars(meta).items() if k != "storage_meta"}
+    except Exception:  # not a DCP metadata pickle: hashed as bytes
+        return None
+    canonical = {k: sorted((repr(a), repr(b)) for a, b in v.items()) if isinstance(v, dict)
+                 else repr(v) for k, v in sorted(fields.items())}
+    return hashlib.sha256(_canonical(canonical)).hexdigest()
 
 
 def progress(total_bytes: int, desc: str) -> tqdm:
@@ -169,10 +200,13 @@ class ArtifactStore:
     # -- writing ---------------------------------------------------------------------------
     @contextmanager
     def publish(self, stage: str, key: str, key_material: dict[str, Any],
-                inputs: dict[str, str], version: str) -> Iterator[_Build]:
+                inputs: dict[str, str], version: str,
+                records: tuple[str, ...] = ()) -> Iterator[_Build]:
         """Build into a private temp dir; on normal exit make it the artifact, atomically.
 
         On any exception the temp dir is removed and nothing at `<stage>/<key>` changes.
+        `records`: globs (on the relative path) of files kept out of the content hash, besides
+        `RECORDS`.
         """
         stage_dir = self.root / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +217,7 @@ class ArtifactStore:
         started = time.time()
         try:
             yield build
-            files = self._seal(tmp)
+            files = self._seal(tmp, (*RECORDS, *records))
             final = self.path(stage, key)
             manifest = Manifest(
                 stage=stage, key=key, version=version, path=str(final), key_material=key_material,
@@ -206,7 +240,7 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
-    def _seal(tmp: Path) -> list[FileEntry]:
+    def _seal(tmp: Path, records: tuple[str, ...]) -> list[FileEntry]:
         """Hash and fsync every file; refuse links that point outside the artifact."""
         entries = []
         files = sorted(p for p in tmp.rglob("*") if not p.is_dir())
@@ -216,8 +250,11 @@ class ArtifactStore:
             for file in files:
                 fsync_path(file)
                 size = file.stat().st_size
-                entries.append(FileEntry(path=file.relative_to(tmp).as_posix(), size=size,
-                                         sha256=sha256_file(file)))
+                rel = file.relative_to(tmp).as_posix()
+                entries.append(FileEntry(
+                    path=rel, size=size, sha256=sha256_file(file),
+                    content_sha256=dcp_metadata_sha256(file) if file.name == ".metadata" else None,
+                    record=any(fnmatch.fnmatch(rel, g) for g in records)))
                 bar.update(size)
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             fsync_path(d)

@@ -73,6 +73,9 @@ class Stage:
     verify: Callable[[Manifest], None] | None = None
     """The stage's own check of its artifact in its final place (after every file's hash was
     re-read from there), run right after publishing; raises to roll the artifact back."""
+    records: tuple[str, ...] = ()
+    """Globs of files that record how the build went (timings) rather than what it made: kept
+    and verified, but outside the content hash (logs always are)."""
     gpus: Callable[[Any], int] | None = None
     """GPUs the stage occupies with these settings on this machine (0 on CPU): held as slots of
     the `gpu` global concurrency limit while it builds, so two runs never share GPUs."""
@@ -145,7 +148,8 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
             if existing is not None:
                 why = "its upstream artifacts changed"
             log.info("%s: building %s (%s)", stage.name, store.path(stage.name, plan.key), why)
-        with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version) as build:
+        with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version,
+                           stage.records) as build:
             stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log,
                                      store.scratch(stage.name, plan.key)))
     finally:

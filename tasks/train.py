@@ -182,5 +182,6 @@ def gpus(settings: TrainSettings) -> int:
 STAGE = Stage(
     name="train", version="1", settings=lambda s: s.train, build=build,
     upstream=("convert", "tokenize"), report=report, markdown=markdown, gpus=gpus,
+    records=("metrics.jsonl",),  # per-step seconds and tokens/s; the weights are the content
     description="megatron-core SFT: the final checkpoint, metrics and loss curve",
 )

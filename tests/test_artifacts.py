@@ -76,6 +76,37 @@ def test_content_hash_tracks_content_not_time(tmp_path: Path):
     assert compute_key({"a": 1, "b": [1, 2]}) == compute_key({"b": [1, 2], "a": 1})
 
 
+def test_records_and_dcp_save_metadata_stay_out_of_the_content_hash(tmp_path: Path):
+    """Two saves of the same tensors with torch DCP (as Megatron's torch_dist checkpoints are
+    written) differ in `.metadata` (temp path, save uuid) and in their logs and timings: the
+    content hash is the same; other tensors give another hash, and every file is verified."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    def build(root: Path, weight: torch.Tensor, log: str, seconds: float):
+        store = ArtifactStore(root)
+        with store.publish("stage", "k1", {}, {}, "1", records=("metrics.jsonl",)) as b:
+            # saved under the temp dir, whose name is random, as every stage's output is
+            dcp.save({"w": weight}, checkpoint_id=b.out / "release", no_dist=True)
+            (b.out / "logs").mkdir()
+            (b.out / "logs" / "convert.log").write_text(log)
+            (b.out / "metrics.jsonl").write_text(json.dumps({"step": 1, "seconds": seconds}))
+        return store, b.manifest
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    store_a, a = build(tmp_path / "a", w, "12:00:01 pid 7", 1.5)
+    _, b = build(tmp_path / "b", w.clone(), "12:07:42 pid 9", 1.7)
+    _, c = build(tmp_path / "c", w.reshape(4, 3), "12:00:01 pid 7", 1.5)
+    sha_a, sha_b = ({f.path: f.sha256 for f in m.files} for m in (a, b))
+    assert sha_a["release/.metadata"] != sha_b["release/.metadata"]  # what the hash ignores
+    assert sha_a["release/__0_0.distcp"] == sha_b["release/__0_0.distcp"]
+    assert a.content_hash == b.content_hash != c.content_hash
+    records = {f.path for f in a.files if f.record}
+    assert records == {"logs/convert.log", "metrics.jsonl"}
+    (store_a.path("stage", "k1") / "logs" / "convert.log").write_text("12:00:01 pid 8")
+    assert "logs/convert.log content hash differs" in store_a.check("stage", "k1", verify=True)[1]
+
+
 def test_stale_temp_dirs_of_dead_builders_are_swept(tmp_path: Path):
     store = ArtifactStore(tmp_path)
     stage_dir = tmp_path / "artifacts" / "stage"
