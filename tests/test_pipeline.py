@@ -298,14 +298,6 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     from tasks.artifacts import ArtifactStore  # evaluating never touched the export artifact
     assert ArtifactStore(tmp_path).check("export", m["export"].key, verify=True)[0] is not None
 
-    # Rebuilt, convert and export make the same content (only their logs and torch DCP's save
-    # metadata differ), so what depends on them stays cached.
-    state, states, _ = run(tmp_path, "export.push.repo=someone/tiny-rsft",
-                           "export.push.dry_run=true", until=None, force=["convert", "export"])
-    assert {s: states[s] for s in ("convert", "train", "export", "evaluate")} == {
-        "convert": "Completed", "train": "Cached", "export": "Completed", "evaluate": "Cached"}
-    assert state.result()["convert"].content_hash == convert.content_hash
-
     # An earlier kept iteration exports on request, and is scored against the base model, whose
     # scores are then reused for another export; an iteration not kept fails in one line.
     base_eval = ["export.verify=false", "evaluate.evaluate_base=true", "evaluate.max_problems=1"]
