@@ -116,9 +116,9 @@ def dcp_metadata_sha256(path: Path) -> str | None:
 
     try:
         with open(path, "rb") as f:
-            meta = pickle.load(f)  # noqa: S301  (a file this stage has just written)
+            meta = pickle.load(f)  # a file this stage has just written
         fields = {k: v for k, v in vars(meta).items() if k != "storage_meta"}
-    except Exception:  # not a DCP metadata pickle: hashed as bytes
+    except Exception:  # noqa: BLE001  (not a DCP metadata pickle: hashed as bytes)
         return None
     canonical = {k: sorted((repr(a), repr(b)) for a, b in v.items()) if isinstance(v, dict)
                  else repr(v) for k, v in sorted(fields.items())}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.chaos import DrillResult, Harness
+from benchmarks.chaos_harness import DrillResult, Harness
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
@@ -29,6 +29,7 @@ import psutil
 import pytest
 import yaml
 
+from megatron_bridge.launch import free_port
 from tests.conftest import ROOT, settled_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -97,12 +98,6 @@ class Ops:
         return sorted((t.name, t.state.name) for t in tasks if t.name in STAGES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _copy_project(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -126,20 +121,14 @@ def _stop(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         tree = []
     for p in tree:
-        try:
+        with suppress(ProcessLookupError, psutil.NoSuchProcess):
             os.killpg(os.getpgid(p.pid), signal.SIGTERM) if p.pid == proc.pid else p.terminate()
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass
     _, alive = psutil.wait_procs(tree, timeout=20)
     for p in alive:
-        try:
+        with suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=30)
 
 
@@ -152,7 +141,7 @@ def ops(tmp_path_factory):
     assert not (project.parent.parent / "shared").exists()
     logs = tmp / "logs"
     logs.mkdir()
-    port = _free_port()
+    port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
                 COLUMNS="250")
