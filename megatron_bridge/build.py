@@ -94,19 +94,21 @@ def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype
     kwargs = architecture_for(hf).config(hf)
     model_kwargs = kwargs.pop("model")
     dtype = dtype or hf_dtype(hf)
-    cpu = cpu_only()
-    config = TransformerConfig(
+    gpu, te = not cpu_only(), use_te()
+    settings = {
         **kwargs,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=cpu, perform_initialization=initialize,
-        # Fused kernels are CUDA-only; on GPU TE provides its own.
-        bias_activation_fusion=not cpu, bias_dropout_fusion=not cpu, masked_softmax_fusion=not cpu,
-        apply_rope_fusion=False, persist_layer_norm=not cpu, gradient_accumulation_fusion=False,
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "params_dtype": dtype, "pipeline_dtype": dtype,
+        "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
+        "use_cpu_initialization": not gpu, "perform_initialization": initialize,
+        # Fused kernels: megatron-core's jit fusions need CUDA, the fused RoPE needs Transformer
+        # Engine (gradient accumulation fusion needs DDP's main_grad: the trainer turns it on).
+        "bias_activation_fusion": gpu, "bias_dropout_fusion": gpu, "masked_softmax_fusion": gpu,
+        "persist_layer_norm": gpu, "apply_rope_fusion": te, "gradient_accumulation_fusion": False,
         **config_overrides,
-    )
-    if use_te():
+    }
+    config = TransformerConfig(**settings)
+    if te:
         spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         spec = specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,

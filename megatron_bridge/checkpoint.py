@@ -98,6 +98,7 @@ def load(model, root: Path, iteration: int | None = None) -> None:
     """Collective: load the latest (or the given) checkpoint into this rank's model, whatever
     layout it was saved with (dist_checkpointing reshards)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     if iteration is not None:
         target = iteration_dir(root, iteration)
@@ -109,7 +110,15 @@ def load(model, root: Path, iteration: int | None = None) -> None:
         target = iteration_dir(root, read_tracker(root))
     if not target.is_dir():
         raise CheckpointError(f"{root}: the tracker points to {target.name}, which does not exist")
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(target))
+    # "Unexpected" = asked for but not in the checkpoint: leave those out of the load, then
+    # tolerate only Transformer Engine's `_extra_state` (FP8 metadata) — a checkpoint written on
+    # a host without TE has none, and a TE model starts from its defaults.
+    state, _, unexpected = dist_checkpointing.load(
+        {"model": model.sharded_state_dict()}, str(target),
+        strict=StrictHandling.RETURN_UNEXPECTED)
+    unexpected = sorted(k for k in unexpected if not k.endswith("_extra_state"))
+    if unexpected:
+        raise CheckpointError(f"{root}: checkpoint lacks {unexpected[:3]}…; it is not this model")
     missing, _ = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:

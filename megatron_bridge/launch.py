@@ -44,6 +44,18 @@ def _load_prctl():
 _prctl = _load_prctl()
 
 
+def die_with_torchrun_agent() -> None:
+    """In a rank that torchrun started: get SIGKILL when the agent dies. torchrun starts every
+    rank in a session of its own, so killing the agent's process group (a timeout, a
+    cancellation, a kill -9 of the flow) would otherwise leave the ranks running on."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _prctl is None:
+        return
+    agent = os.getppid()
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != agent:  # the agent died before prctl took effect
+        os._exit(1)
+
+
 def free_port() -> int:
     """A free TCP port on loopback for a rendezvous."""
     with socket.socket() as s:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge.compat import apply_cpu_shims, cpu_only, seed_model_parallel
-from megatron_bridge.launch import free_port
+from megatron_bridge.launch import die_with_torchrun_agent, free_port
 
 
 @contextmanager
@@ -22,6 +22,7 @@ def model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234):
     from megatron.core import parallel_state as ps
 
     apply_cpu_shims()
+    die_with_torchrun_agent()
     started = started_env = False
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain process: a world of one

@@ -41,7 +41,7 @@ def megatron_logits(model, ids: torch.Tensor, vocab_size: int) -> torch.Tensor |
     if not ps.is_pipeline_last_stage():
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank(), group=group)
         return None
-    return out[..., :vocab_size].float()
+    return out[..., :vocab_size].float().cpu()  # beside transformers' logits, on the CPU
 
 
 @torch.no_grad()

@@ -261,7 +261,8 @@ class TrainSettings(Strict):
     """Stage `train`: megatron-core SFT under torchrun."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`cpu` (gloo, local spec, torch AdamW), `cuda` (NCCL, TE, DistributedOptimizer), or `auto`."""
+    """`cpu` (gloo), `cuda` (NCCL; Transformer Engine's layers and packed THD attention when it is
+    installed), or `auto`. Both run the same megatron-core step (DDP, optimizer, schedules)."""
     nproc_per_node: int = Field(default=1, ge=1)
     """Processes (GPUs) per node."""
     nnodes: int = Field(default=1, ge=1)
@@ -279,7 +280,7 @@ class TrainSettings(Strict):
     tensor_parallel: int = Field(default=1, ge=1)
     """Tensor-parallel size of training (any layout loads the converted checkpoint)."""
     pipeline_parallel: int = Field(default=1, ge=1)
-    """Pipeline-parallel size of training (GPU only: megatron-core's schedules need CUDA)."""
+    """Pipeline-parallel size of training (megatron-core's 1F1B schedule); must divide the layers."""
     train_iters: int = Field(default=40, ge=1)
     """Optimizer steps."""
     global_batch_size: int = Field(default=8, ge=1)
@@ -305,15 +306,25 @@ class TrainSettings(Strict):
     clip_grad: float = Field(default=1.0, ge=0)
     """Global gradient-norm clip (0 = off)."""
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
-    """Compute precision (parameters are kept in fp32 by the optimizer)."""
+    """Compute precision; the optimizer keeps fp32 master weights. bf16/fp16 run on CPU too
+    (slowly: for tests)."""
+    loss_scale: float | None = Field(default=None, gt=1)
+    """fp16 only: a constant loss scale; null: dynamic (Megatron's DynamicGradScaler, from 2^32,
+    halving on overflow and skipping that step)."""
     use_distributed_optimizer: bool = False
-    """Megatron DistributedOptimizer (shards optimizer state over data-parallel ranks; GPU only)."""
+    """Megatron DistributedOptimizer: optimizer state and master weights sharded over the
+    data-parallel ranks, parameters all-gathered (overlapped with the next forward)."""
     save_interval: int = Field(default=20, ge=1)
     """Checkpoint every N steps (and at the end); a crash loses at most N steps."""
     keep_last: int = Field(default=2, ge=1)
     """Checkpoints kept while training (older ones are deleted)."""
     recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recomputation (GPU): trade compute for memory at long sequence lengths."""
+    """Activation recomputation: trade compute for memory at long sequence lengths (`selective`
+    recomputes the attention core, `full` each layer)."""
+    attention_dropout: float | None = Field(default=None, ge=0, lt=1)
+    """Dropout on attention probabilities; null: the model config's (0 for Qwen2/Llama)."""
+    hidden_dropout: float | None = Field(default=None, ge=0, lt=1)
+    """Dropout after attention and MLP; null: the model's (0)."""
     timeout_minutes: float = not_in_key(default=24 * 60, gt=0)
     """Kill the training job (all its processes) after this long; a rerun resumes."""
     seed: int = 1234
@@ -336,10 +347,9 @@ class TrainSettings(Strict):
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"micro_batch_size × data-parallel size ({self.micro_batch_size} × {dp})"
             )
-        if self.device == "cpu" and (self.pipeline_parallel > 1 or self.precision != "fp32"
-                                     or self.use_distributed_optimizer):
-            raise ValueError("device cpu trains in fp32 without pipeline parallel or the "
-                             "distributed optimizer (those need CUDA); set device: cuda or auto")
+        if self.loss_scale is not None and self.precision != "fp16":
+            raise ValueError(f"loss_scale applies to precision fp16 only (this is "
+                             f"{self.precision}); remove it")
         return self
 
 

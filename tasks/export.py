@@ -132,8 +132,16 @@ def verify_folder(manifest: Manifest) -> None:
         raise RuntimeError(f"weight file {missing[0]} is missing")
 
 
+def gpus(settings: ExportSettings) -> int:
+    """The conversion and the verification each load the checkpoint on this host's first GPU."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 STAGE = Stage(
     name="export", version="1", settings=lambda s: s.export, build=build, verify=verify_folder,
     upstream=("train", "patch_tokenizer", "download", "dataset"), report=report, markdown=markdown,
+    gpus=gpus,
     description="Hugging Face model folder: safetensors, patched tokenizer, generation config, card",
 )

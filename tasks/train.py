@@ -47,10 +47,12 @@ def make_job(settings: TrainSettings, checkpoint: Path, data: Path, save: Path):
         lr_warmup_iters=settings.lr_warmup_iters, lr_decay_style=settings.lr_decay_style,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         weight_decay=settings.weight_decay, clip_grad=settings.clip_grad,
-        precision=settings.precision, use_distributed_optimizer=settings.use_distributed_optimizer,
+        precision=settings.precision, loss_scale=settings.loss_scale,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
         device=resolve_device(settings), seed=settings.seed, save_interval=settings.save_interval,
         keep_last=settings.keep_last, log_interval=settings.log_interval,
-        recompute=settings.recompute)
+        recompute=settings.recompute, attention_dropout=settings.attention_dropout,
+        hidden_dropout=settings.hidden_dropout)
 
 
 def _progress(metrics: Path, total: int, log) -> threading.Event:
@@ -97,7 +99,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def launch(settings: TrainSettings, job_path: Path, work: Path, log) -> None:
+def launch(settings: TrainSettings, job_path: Path, work: Path, device: str, log) -> None:
     """Run the job with the configured launcher (returns when every rank has finished)."""
     timeout = settings.timeout_minutes * 60
     run_id = f"rsft-{work.name}"
@@ -109,7 +111,8 @@ def launch(settings: TrainSettings, job_path: Path, work: Path, log) -> None:
     if settings.launcher == "slurm":
         commands = [train_launch.slurm_command(settings, job_path, run_id)]
     else:
-        commands = train_launch.local_commands(settings, job_path, run_id)
+        gpus = train_launch.visible_gpus() if device == "cuda" else None
+        commands = train_launch.local_commands(settings, job_path, run_id, gpus)
     train_launch.run_agents(commands, work / "train.log", timeout, log)
 
 
@@ -130,7 +133,7 @@ def build(ctx: BuildContext) -> None:
                  "from its latest checkpoint" if resumed else "fine-tuning the converted model")
     stop = _progress(job.metrics_path, settings.train_iters, ctx.log)
     try:
-        launch(settings, job_path, work, ctx.log)
+        launch(settings, job_path, work, job.device, ctx.log)
     finally:
         stop.set()
     iteration = int(checkpoint.read_tracker(save))
@@ -173,14 +176,15 @@ def markdown(manifest: Manifest) -> str:
 
 
 def gpus(settings: TrainSettings) -> int:
-    """Slots of this host's `gpu` limit: none when the job runs on a cluster's nodes."""
-    if settings.launcher != "local":
+    """Slots of this host's `gpu` limit: none when the job runs on a cluster's nodes; every
+    local agent's processes otherwise."""
+    if settings.launcher != "local" or resolve_device(settings) != "cuda":
         return 0
-    return settings.nproc_per_node if resolve_device(settings) == "cuda" else 0
+    return settings.nproc_per_node * settings.nnodes
 
 
 STAGE = Stage(
-    name="train", version="1", settings=lambda s: s.train, build=build,
+    name="train", version="2", settings=lambda s: s.train, build=build,
     upstream=("convert", "tokenize"), report=report, markdown=markdown, gpus=gpus,
     records=("metrics.jsonl",),  # per-step seconds and tokens/s; the weights are the content
     description="megatron-core SFT: the final checkpoint, metrics and loss curve",

@@ -45,10 +45,30 @@ def agent_command(settings: TrainSettings, job_path: Path | str, endpoint: str,
             "--max_restarts", "0", *TRAINER, str(job_path)]
 
 
-def local_commands(settings: TrainSettings, job_path: Path, run_id: str) -> list[list[str]]:
-    """N agents on this machine, meeting on loopback."""
+def local_commands(settings: TrainSettings, job_path: Path, run_id: str,
+                   gpus: list[str] | None = None) -> list[list[str]]:
+    """N agents on this machine, meeting on loopback. Each agent sees its own `nproc_per_node`
+    of `gpus` (this host's visible GPU ids): every agent numbers its ranks' devices from 0, so
+    agents sharing the host's GPUs would put several ranks on one. No `gpus`: a CPU job, which
+    sees none (megatron-core would otherwise take a GPU the host happens to have)."""
     endpoint = f"127.0.0.1:{settings.rdzv_port or free_port()}"
-    return [agent_command(settings, job_path, endpoint, run_id)] * settings.nnodes
+    command = agent_command(settings, job_path, endpoint, run_id)
+    per_node, needed = settings.nproc_per_node, settings.nproc_per_node * settings.nnodes
+    if gpus is not None and len(gpus) < needed:
+        raise UserError(f"train: nnodes × nproc_per_node = {needed} GPUs, this host has "
+                        f"{len(gpus)}; lower train.nproc_per_node or nnodes")
+    return [["env", "CUDA_VISIBLE_DEVICES="
+             + (",".join(gpus[i * per_node:(i + 1) * per_node]) if gpus is not None else ""),
+             *command] for i in range(settings.nnodes)]
+
+
+def visible_gpus() -> list[str]:
+    """This host's GPU ids as CUDA numbers them for a child process."""
+    import torch
+
+    if visible := os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def slurm_command(settings: TrainSettings, job_path: Path, run_id: str,

@@ -38,6 +38,37 @@ def test_publish_writes_manifest_last_with_sizes_and_hashes(tmp_path: Path):
     assert not [p for p in (tmp_path / "artifacts" / "stage").iterdir() if p.name.startswith(".")]
 
 
+def test_every_file_is_durable_before_the_manifest_names_it(tmp_path: Path, monkeypatch):
+    """The order a crash cannot break: each file's data fsynced, the artifact folder renamed
+    into place and its parent fsynced, then the manifest written, fsynced and renamed in."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):  # the real call, recorded with the path behind the descriptor
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    publish(ArtifactStore(tmp_path))
+    final = str(tmp_path / "artifacts" / "stage" / "k1")
+
+    def first(kind, test):
+        return next(i for i, (k, path) in enumerate(events) if k == kind and test(path))
+
+    moved = first("rename", lambda p: p.endswith(f"-> {final}"))
+    manifest = first("rename", lambda p: p.endswith(f"-> {final}/{MANIFEST}"))
+    for name in ("a.txt", "sub/b.bin"):
+        assert first("fsync", lambda p, n=name: p.endswith("/" + n)) < moved, name
+    assert moved < first("fsync", lambda p: p == str(Path(final).parent)) < manifest
+    assert first("fsync", lambda p: p.endswith(f".{MANIFEST}.tmp")) < manifest
+    assert manifest < first("fsync", lambda p: p == final)
+
+
 def test_failed_build_publishes_nothing_and_keeps_the_old_artifact(tmp_path: Path):
     store = ArtifactStore(tmp_path)
     old = publish(store)

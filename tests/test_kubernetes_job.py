@@ -695,7 +695,7 @@ def test_the_train_stage_launches_through_here(tmp_path: Path, fake_kubectl, log
 
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}")
     work = _work(tmp_path)
-    launch(settings, work / "job.json", work, log)
+    launch(settings, work / "job.json", work, "cpu", log)
     applied = yaml.safe_load((fake_kubectl.dir / "applied.yaml").read_text())
     assert applied["metadata"]["name"] == f"rsft-{KEY}"
     assert _log_lines(work) == [text for _, text in LOG]

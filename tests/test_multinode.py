@@ -3,7 +3,6 @@ exactly as one process does; one agent failing ends the job; the Slurm command a
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -15,19 +14,23 @@ from settings.errors import UserError
 from settings.models import TrainSettings
 from tasks import train_launch
 from tests.conftest import ROOT
-from tests.test_training import converted, data, job, train  # noqa: F401  (fixtures)
+from tests.test_training import converted, data, job, metrics  # noqa: F401  (fixtures)
 
 LOG = logging.getLogger("test")
 
 
 def two_nodes(**kw) -> TrainSettings:
-    return TrainSettings(device="cpu", nnodes=2, nproc_per_node=1, global_batch_size=4,
-                         micro_batch_size=1, **kw)
+    return TrainSettings(**{"device": "cpu", "nnodes": 2, "nproc_per_node": 1,
+                            "global_batch_size": 4, "micro_batch_size": 1, **kw})
 
 
 @pytest.mark.slow
 def test_two_agents_as_two_nodes_train_like_one_process(converted, data, tmp_path):  # noqa: F811
-    one = train(job(converted, data, tmp_path / "one"), tmp_path / "one.json")
+    from megatron_bridge.training.trainer import run
+
+    reference = job(converted, data, tmp_path / "one")
+    run(reference)
+    one = metrics(reference)
     two = job(converted, data, tmp_path / "two")
     two.write(tmp_path / "two.json")
     commands = train_launch.local_commands(two_nodes(), tmp_path / "two.json", "rsft-test")
@@ -36,9 +39,9 @@ def test_two_agents_as_two_nodes_train_like_one_process(converted, data, tmp_pat
     log = (tmp_path / "train.log").read_text()
     assert "2 processes" in log, log
     assert (tmp_path / "train.node1.log").is_file()  # the second agent ran, with its own log
-    metrics = [json.loads(line) for line in two.metrics_path.read_text().splitlines()]
-    assert len(metrics) == len(one) == 4
-    for a, b in zip(one, metrics):
+    got = metrics(two)
+    assert len(got) == len(one) == 4
+    for a, b in zip(one, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
         assert a["supervised_tokens"] == b["supervised_tokens"]
 
@@ -56,6 +59,18 @@ def test_one_failing_agent_ends_the_whole_job(converted, data, tmp_path):  # noq
     assert "node 1 lost" in (tmp_path / "train.node1.log").read_text()
     leftover = subprocess.run(["pgrep", "-f", "rsft-fail"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def test_local_agents_on_a_gpu_host_each_get_their_own_gpus(tmp_path):
+    settings = two_nodes(nproc_per_node=2)
+    commands = train_launch.local_commands(settings, tmp_path / "j.json", "x", ["0", "1", "2", "3"])
+    assert [c[:2] for c in commands] == [["env", "CUDA_VISIBLE_DEVICES=0,1"],
+                                         ["env", "CUDA_VISIBLE_DEVICES=2,3"]]
+    assert all(c[2:] == commands[0][2:] for c in commands)  # the same agent otherwise
+    with pytest.raises(UserError, match="nnodes × nproc_per_node = 4 GPUs, this host has 3"):
+        train_launch.local_commands(settings, tmp_path / "j.json", "x", ["0", "1", "2"])
+    cpu = train_launch.local_commands(settings, tmp_path / "j.json", "x")
+    assert all(c[:2] == ["env", "CUDA_VISIBLE_DEVICES="] for c in cpu)  # a CPU job sees no GPU
 
 
 def test_slurm_runs_one_agent_per_node_of_the_allocation(tmp_path):

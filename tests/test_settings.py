@@ -43,7 +43,8 @@ def test_overrides_parse_yaml_values():
     (["train.nproc_per_node=2", "train.global_batch_size=3"],
      "global_batch_size (3) must be a multiple of micro_batch_size × data-parallel size (1 × 2)"),
     (["train.tensor_parallel=2"], "nproc_per_node × nnodes = 1 processes cannot hold"),
-    (["train.precision=bf16"], "device cpu trains in fp32"),
+    (["train.precision=fp16", "train.loss_scale=1"], "train.loss_scale = 1: Input should be greater than 1"),
+    (["train.loss_scale=1024"], "loss_scale applies to precision fp16 only (this is fp32)"),
     (["tokenize.seq_length=0"], "tokenize.seq_length = 0"),
     (["dataset.sources=[]"], "dataset.sources"),
 ])

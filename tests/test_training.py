@@ -1,29 +1,42 @@
-"""The trainer on CPU: a tiny real model (built-in Qwen2 with the real vocabulary), the real R1
-traces tokenized with the patched tokenizer; numerics of the loss, parallel equivalence under
-torchrun (gloo), exact resume after kill -9, and bad input caught before any step."""
+"""The trainer in one process: megatron-core's DDP, optimizer and schedule on a tiny real model
+(built-in Qwen2, real vocabulary), the real R1 traces tokenized with the patched tokenizer —
+checked against independent references (rows decoded back to text, gradients of a plain torch
+loss, a plain transformers + torch AdamW loop), and bad input caught before any step.
+Multi-process layouts and kill/resume: tests/test_training_parallel.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from megatron_bridge import compat
 from megatron_bridge.training.job import JobError, TrainJob
-from settings.models import DatasetSource, TokenizeSettings
+from settings.models import DatasetSource, HybridSettings, TokenizeSettings
 from tests.conftest import ROOT
 from tests.test_data import LOG, TRACE_FIELDS, TRACES, build_dataset
 
 SEQ = 256
+
+
+def tokenized(root: Path, tokenizer: Path, settings: TokenizeSettings, rows: int = 8,
+              **dataset) -> Path:
+    from tasks.tokenize import tokenize_dataset
+
+    subset = root / "traces.jsonl"
+    subset.write_text("".join(TRACES.read_text().splitlines(keepends=True)[:rows]))
+    build_dataset(root / "ds", sources=[DatasetSource(path=str(subset), fields=TRACE_FIELDS)],
+                  **dataset)
+    out = root / "tok"
+    out.mkdir()
+    tokenize_dataset(settings, {"train": root / "ds" / "train.parquet"}, tokenizer, out, LOG)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +51,8 @@ def converted(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data(patched_tokenizer, tmp_path_factory) -> Path:
     """8 real traces, truncated to 256-token rows (the prompt and the start of each answer)."""
-    from tasks.tokenize import tokenize_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    subset = root / "traces.jsonl"
-    subset.write_text("".join(TRACES.read_text().splitlines(keepends=True)[:8]))
-    build_dataset(root / "ds", sources=[DatasetSource(path=str(subset), fields=TRACE_FIELDS)])
-    out = root / "tok"
-    out.mkdir()
-    tokenize_dataset(TokenizeSettings(seq_length=SEQ, overlong="truncate", pack=False, workers=1),
-                     {"train": root / "ds" / "train.parquet"}, patched_tokenizer, out, LOG)
-    return out
+    return tokenized(tmp_path_factory.mktemp("data"), patched_tokenizer,
+                     TokenizeSettings(seq_length=SEQ, overlong="truncate", pack=False, workers=1))
 
 
 def job(converted: Path, data: Path, save: Path, **kw) -> TrainJob:
@@ -58,110 +62,246 @@ def job(converted: Path, data: Path, save: Path, **kw) -> TrainJob:
     return TrainJob(**{**base, **kw})
 
 
-def launch(j: TrainJob, path: Path, nproc: int = 1, **popen) -> subprocess.Popen:
-    j.write(path)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = ([sys.executable, "-m", "megatron_bridge.training", str(path)] if nproc == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "-m", "megatron_bridge.training", str(path)])
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
-
-
-def train(j: TrainJob, path: Path, nproc: int = 1) -> list[dict]:
-    proc = launch(j, path, nproc)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-4000:]
+def metrics(j: TrainJob) -> list[dict]:
     return [json.loads(line) for line in j.metrics_path.read_text().splitlines()]
 
 
-def weights(save: Path) -> dict[str, torch.Tensor]:
-    """The final model of a save folder, read back through the HF export."""
+def exported(save: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Megatron checkpoint folder, read back through the HF export."""
     from megatron_bridge.convert import mcore_to_hf
     from tests.test_megatron_bridge import load_folder
 
-    out = save.parent / f"{save.name}-hf"
     mcore_to_hf(save, out)
     return load_folder(out)
 
 
-# -- numerics, in process ---------------------------------------------------------------------------
-@pytest.fixture
-def stepper(converted, data, tmp_path):
-    """A CPU stepper over the converted model, in this process (world of one)."""
-    from megatron_bridge import checkpoint
-    from megatron_bridge.build import build_model
-    from megatron_bridge.parallel import model_parallel
-    from megatron_bridge.training.step import CpuStepper
-
-    meta = checkpoint.read_metadata(converted)
-    with model_parallel(1, 1, seed=0):
-        model = build_model(meta["hf_config"], 1, 1, torch.float32)
-        checkpoint.load(model, converted)
-        yield CpuStepper(model, job(converted, data, tmp_path / "s"), meta["vocab_size"])
+def assert_known_shims() -> None:
+    """Every CUDA request megatron-core made on this CPU box is a reviewed call site."""
+    unknown = sorted(set(compat.REDIRECTS) - set(compat.KNOWN_CALL_SITES))
+    assert not unknown, f"megatron-core asked for CUDA at unreviewed sites: {unknown}"
 
 
-def loss_and_grads(stepper, micro_batches):
-    stepper.model.zero_grad(set_to_none=False)
-    total = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
-    per_token = []
-    for mb in micro_batches:
-        losses = stepper.losses(mb)
-        (losses * mb.loss_mask).sum().div(total).backward()
-        per_token.append(losses.detach()[mb.loss_mask.bool()])
-    grads = {n: p.grad.clone() for n, p in stepper.named}
-    return torch.cat(per_token), grads
+# -- the rows the model sees, against the text they came from -------------------------------------
+@pytest.fixture(scope="module")
+def packed_hybrid(patched_tokenizer, tmp_path_factory) -> Path:
+    """Real traces plus Thinkless `<short>` forms of half of them, packed several to a row."""
+    return tokenized(tmp_path_factory.mktemp("packed"), patched_tokenizer,
+                     TokenizeSettings(seq_length=4096, workers=1), rows=6,
+                     hybrid=HybridSettings(enabled=True, ratio=0.5, keep_long=True))
 
 
-def test_labels_at_masked_positions_do_not_matter(stepper, data):
+def test_packed_rows_decode_to_exactly_the_answers_with_positions_and_masks_per_sample(
+        packed_hybrid, patched_tokenizer):
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
     from megatron_bridge.data.indexed import SFTDataset
     from megatron_bridge.training.batches import pack_rows
 
-    mb = pack_rows(SFTDataset(data / "train"), np.array([0, 1]), SEQ)
-    assert 0 < mb.loss_mask.sum() < mb.loss_mask.numel()
-    loss_a, grads_a = loss_and_grads(stepper, [mb])
-    scrambled = replace(mb, labels=torch.where(mb.loss_mask.bool(), mb.labels,
-                                               torch.randint_like(mb.labels, 0, 151000)))
-    assert not torch.equal(scrambled.labels, mb.labels)
-    loss_b, grads_b = loss_and_grads(stepper, [scrambled])
-    assert torch.equal(loss_a, loss_b)
-    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    tok = AutoTokenizer.from_pretrained(patched_tokenizer)
+    records = pq.read_table(packed_hybrid.parent / "ds" / "train.parquet").to_pylist()
+    # What training must learn for each sample: the answer (from its control token on) + EOS.
+    expected = sorted(r["messages"][-1]["content"] + tok.eos_token for r in records)
+    assert any(a.startswith("<short>") for a in expected)
+    assert any(a.startswith("<think>") for a in expected)
+    ds = SFTDataset(packed_hybrid / "train")
+    mb = pack_rows(ds, np.arange(len(ds)), 4096)
+    assert max(len(lengths) for lengths in mb.lengths) >= 2  # really packed
+    seen = []
+    mask = mb.attention_mask()
+    for row, lengths in enumerate(mb.lengths):
+        start = 0
+        for n in lengths:
+            end = start + n
+            assert mb.position_ids[row, start:end].tolist() == list(range(n))
+            supervised = mb.loss_mask[row, start:end].bool()
+            seen.append(tok.decode(mb.labels[row, start:end][supervised].tolist()))
+            start = end
+        # Causal within each sample, nothing across samples (True = blocked), from the lengths.
+        blocks = [torch.ones(n, n).tril().bool() for n in lengths]
+        pad = mb.tokens.shape[1] - start
+        allowed = torch.block_diag(*blocks, *([torch.ones(pad, pad).tril().bool()] if pad else []))
+        assert torch.equal(mask[row, 0], ~allowed)
+        assert not mb.loss_mask[row, start:].any()
+    assert sorted(seen) == expected
 
 
-def test_packed_and_unpacked_rows_give_the_same_loss_and_gradients(stepper, data):
+# -- gradients and steps against plain torch / transformers --------------------------------------
+@pytest.fixture
+def world_of_one():
+    from megatron_bridge.parallel import model_parallel
+
+    with model_parallel(1, 1, seed=0):
+        yield
+
+
+def plain_loss(logits: torch.Tensor, micro_batches) -> torch.Tensor:
+    """Global per-token mean of the supervised tokens' cross-entropy, written plainly."""
+    total = sum(mb.loss_mask.sum() for mb in micro_batches)
+    losses = [F.cross_entropy(lg.float().flatten(0, 1), mb.labels.flatten(), reduction="none")
+              @ mb.loss_mask.flatten() for lg, mb in zip(logits, micro_batches)]
+    return sum(losses) / total
+
+
+def test_gradients_are_the_plain_global_per_token_mean(converted, data, tmp_path, world_of_one):
+    from megatron_bridge import checkpoint
+    from megatron_bridge.build import build_model
+    from megatron_bridge.data.indexed import SFTDataset
+    from megatron_bridge.training.batches import pack_rows
+    from megatron_bridge.training.trainer import build_stepper
+
+    meta = checkpoint.read_metadata(converted)
+    stepper = build_stepper(job(converted, data, tmp_path / "s"), meta, None)
+    ds = SFTDataset(data / "train")
+    mbs = [pack_rows(ds, np.array([i]), SEQ) for i in (0, 3, 5)]
+    counts = [int(mb.loss_mask.sum()) for mb in mbs]
+    assert len(set(counts)) == 3  # unequal micro-batches: a mean of means would differ
+    stepper.forward_backward(mbs)
+    ours = {n: p.main_grad.clone() for n, p in stepper.module.named_parameters()}
+
+    reference = build_model(meta["hf_config"], 1, 1, torch.float32)
+    checkpoint.load(reference, converted)
+    logits = [reference(mb.tokens, mb.position_ids, mb.attention_mask()) for mb in mbs]
+    plain_loss(logits, mbs).backward()
+    for name, p in reference.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert scale > 0, name
+        assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6 * scale), name
+    assert_known_shims()
+
+
+def test_packed_samples_score_as_if_alone(converted, data, world_of_one):
+    """Two samples in one row (block-diagonal mask, positions restarting) give each the
+    per-token losses it gets in a row of its own."""
+    from megatron_bridge import checkpoint
+    from megatron_bridge.build import build_model
     from megatron_bridge.data.indexed import SFTDataset
     from megatron_bridge.training.batches import MicroBatch, pack_rows
+    from megatron_bridge.training.step import per_token_loss
 
+    meta = checkpoint.read_metadata(converted)
+    model = build_model(meta["hf_config"], 1, 1, torch.float32)
+    checkpoint.load(model, converted)
     ds = SFTDataset(data / "train")
     a, b = (pack_rows(ds, np.array([i]), SEQ) for i in (0, 1))
     na, nb = sum(a.lengths[0]), sum(b.lengths[0])
-    # The same two documents packed into one row of 2×SEQ.
-    packed = MicroBatch(
-        tokens=torch.cat([a.tokens[:, :na], b.tokens[:, :nb]], 1),
-        labels=torch.cat([a.labels[:, :na], b.labels[:, :nb]], 1),
-        loss_mask=torch.cat([a.loss_mask[:, :na], b.loss_mask[:, :nb]], 1),
-        position_ids=torch.cat([a.position_ids[:, :na], b.position_ids[:, :nb]], 1),
-        segments=torch.cat([torch.zeros(1, na, dtype=torch.long), torch.ones(1, nb, dtype=torch.long)], 1),
-        lengths=[[na, nb]])
-    loss_u, grads_u = loss_and_grads(stepper, [a, b])
-    loss_p, grads_p = loss_and_grads(stepper, [packed])
-    assert torch.allclose(loss_u, loss_p, atol=1e-6, rtol=0)
-    for n in grads_u:
-        assert torch.allclose(grads_u[n], grads_p[n], atol=1e-6, rtol=1e-5), n
+    packed = MicroBatch(*(torch.cat([getattr(a, f)[:, :na], getattr(b, f)[:, :nb]], 1)
+                          for f in ("tokens", "labels", "loss_mask", "position_ids")),
+                        segments=torch.cat([torch.zeros(1, na), torch.ones(1, nb)], 1).long(),
+                        lengths=[[na, nb]])
+
+    def losses(mb):
+        with torch.no_grad():
+            logits = model(mb.tokens, mb.position_ids, mb.attention_mask())
+        return per_token_loss(logits, mb.labels, meta["vocab_size"])[mb.loss_mask.bool()]
+
+    alone = torch.cat([losses(a), losses(b)])
+    together = losses(packed)
+    assert torch.allclose(alone, together, atol=1e-5, rtol=0)
 
 
-def test_per_token_loss_is_the_global_token_mean(stepper, data):
-    """Two micro-batches with different supervised counts: the step's loss is the mean over all
-    their supervised tokens, not the mean of the two micro-batch means."""
+def test_no_weight_decay_on_biases_and_norms(converted, data, tmp_path, world_of_one):
+    from megatron_bridge import checkpoint
     from megatron_bridge.data.indexed import SFTDataset
     from megatron_bridge.training.batches import pack_rows
+    from megatron_bridge.training.trainer import build_stepper
 
-    ds = SFTDataset(data / "train")
-    mbs = [pack_rows(ds, np.array([i]), SEQ) for i in (0, 3)]
-    per_token, _ = loss_and_grads(stepper, mbs)
-    result = stepper.step(mbs, lr=0.0)
-    assert result["supervised_tokens"] == len(per_token)
-    assert result["loss"] == pytest.approx(per_token.double().mean().item(), abs=1e-6)
+    stepper = build_stepper(job(converted, data, tmp_path / "s", weight_decay=0.1),
+                            checkpoint.read_metadata(converted), None)
+    stepper.step([pack_rows(SFTDataset(data / "train"), np.array([0]), SEQ)], lr=1e-3)
+    names = {id(p): n for n, p in stepper.module.named_parameters()}
+    # The inner torch optimizer's groups: fp32 parameters are their own master weights.
+    decay = {names[id(p)]: g["weight_decay"] for g in stepper.optimizer.param_groups
+             for p in g["params"]}
+    no_decay = {f"decoder.layers.{i}.{n}" for i in range(2) for n in (
+        "input_layernorm.weight", "pre_mlp_layernorm.weight", "self_attention.linear_qkv.bias")}
+    no_decay.add("decoder.final_layernorm.weight")
+    assert {n for n, wd in decay.items() if wd == 0.0} == no_decay
+    assert {wd for n, wd in decay.items() if n not in no_decay} == {0.1}
+    assert set(decay) == set(names.values())
+
+
+def test_steps_match_a_plain_transformers_and_torch_adamw_loop(tiny_model_dir, converted, data,
+                                                                tmp_path):
+    """Weight decay, clipping, LR schedule and the global per-token loss, end to end."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_bridge.data.indexed import SFTDataset
+    from megatron_bridge.training.batches import Batches
+    from megatron_bridge.training.schedule import learning_rate
+    from megatron_bridge.training.trainer import run
+
+    j = job(converted, data, tmp_path / "save", train_iters=3, weight_decay=0.1, clip_grad=0.5,
+            save_interval=3)
+    run(j)
+    ours = metrics(j)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith(".bias")]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2 or n.endswith(".bias")]
+    assert len(rest) == 2 * (2 + 3) + 1  # per layer: 2 norms, q/k/v biases; the final norm
+    adam = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": rest, "weight_decay": 0.0}],
+                             betas=(j.adam_beta1, j.adam_beta2), eps=j.adam_eps)
+    batches = Batches(SFTDataset(data / "train"), SEQ, j.global_batch_size, 1, 0, 1, j.seed)
+    for step, record in enumerate(ours):
+        mbs = batches.step(step)
+        adam.zero_grad()
+        loss = plain_loss([model(mb.tokens).logits for mb in mbs], mbs)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), j.clip_grad)
+        for group in adam.param_groups:
+            group["lr"] = learning_rate(step, lr=j.lr, min_lr=j.min_lr, warmup=j.lr_warmup_iters,
+                                        total=j.train_iters)
+        adam.step()
+        assert record["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert record["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    theirs = model.state_dict()
+    for name, tensor in exported(Path(j.save), tmp_path / "hf").items():
+        assert torch.allclose(tensor.float(), theirs[name], atol=2e-5, rtol=0), name
+    assert_known_shims()
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["float16-optimizer", "distributed"])
+def test_master_weights_are_the_loaded_checkpoint(converted, data, tmp_path, distributed):
+    """bf16 training keeps fp32 master weights; a step with learning rate 0 writes them back
+    into the model, which must then still be exactly the converted checkpoint."""
+    from megatron_bridge.training.trainer import run
+
+    j = job(converted, data, tmp_path / "save", train_iters=1, global_batch_size=1, lr=0.0,
+            min_lr=0.0, lr_warmup_iters=0, precision="bf16", use_distributed_optimizer=distributed)
+    run(j)
+    before = exported(converted, tmp_path / "before")
+    after = exported(Path(j.save), tmp_path / "after")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_known_shims()
+
+
+def test_fp16_scales_the_loss_so_gradients_survive(converted, data, tmp_path):
+    from megatron_bridge.training.trainer import run
+
+    runs = {}
+    for precision, scale in (("fp32", None), ("fp16", 1024.0)):
+        j = job(converted, data, tmp_path / precision, train_iters=1, global_batch_size=1,
+                precision=precision, loss_scale=scale)
+        run(j)
+        runs[precision] = metrics(j)[0]
+    # Unscaled, fp16 gradients of ~1e-9 underflow; scaled then unscaled they match fp32's.
+    assert runs["fp16"]["loss_scale"] == 1024.0 and not runs["fp16"]["skipped"]
+    assert runs["fp16"]["grad_norm"] == pytest.approx(runs["fp32"]["grad_norm"], rel=1e-3)
+    assert_known_shims()
+
+
+def test_a_new_cuda_call_site_is_named():
+    with pytest.warns(UserWarning, match=r"unreviewed site \?.*test_training.py:"
+                                         r"test_a_new_cuda_call_site_is_named"):
+        with compat.cuda_as_cpu():
+            t = torch.zeros(2, device="cuda")
+    assert t.device.type == "cpu"
+    new = [s for s in compat.REDIRECTS if s.endswith("test_a_new_cuda_call_site_is_named")]
+    assert new
+    del compat.REDIRECTS[new[0]]
 
 
 def test_learning_rate_schedule():
@@ -172,49 +312,19 @@ def test_learning_rate_schedule():
     assert all(x >= y for x, y in zip(lrs[1:], lrs[2:]))
 
 
-# -- whole runs under torchrun / subprocesses ------------------------------------------------------
 def test_loss_falls_clearly_on_the_real_traces(converted, data, tmp_path):
-    metrics = train(job(converted, data, tmp_path / "save", train_iters=24, global_batch_size=4,
-                        lr=5e-3, min_lr=5e-4, lr_warmup_iters=2, save_interval=24), tmp_path / "j.json")
-    first, last = metrics[0]["loss"], metrics[-1]["loss"]
+    from megatron_bridge.training.trainer import run
+
+    j = job(converted, data, tmp_path / "save", train_iters=24, lr=5e-3, min_lr=5e-4,
+            lr_warmup_iters=2, save_interval=24)
+    run(j)
+    m = metrics(j)
+    first, last = m[0]["loss"], m[-1]["loss"]
     assert first > 10 and last < 0.6 * first, (first, last)
-    assert [m["step"] for m in metrics] == list(range(1, 25))
-    save = tmp_path / "save"
+    assert [r["step"] for r in m] == list(range(1, 25))
+    save = Path(j.save)
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "24"
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000024"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", [{"tensor_parallel": 2}, {}], ids=["TP2", "DP2"])
-def test_two_ranks_match_one(converted, data, tmp_path, layout):
-    one = train(job(converted, data, tmp_path / "one"), tmp_path / "one.json")
-    two = train(job(converted, data, tmp_path / "two", **layout), tmp_path / "two.json", nproc=2)
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
-        assert a["supervised_tokens"] == b["supervised_tokens"]
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"])
-
-
-@pytest.mark.slow
-def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path):
-    base = dict(train_iters=6, save_interval=2, keep_last=1)
-    train(job(converted, data, tmp_path / "straight", **base), tmp_path / "a.json")
-    killed = job(converted, data, tmp_path / "killed", **base)
-    proc = launch(killed, tmp_path / "b.json", start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once step 3 is logged (a checkpoint at 2 exists)
-        if killed.metrics_path.is_file() and len(killed.metrics_path.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert (tmp_path / "killed" / "latest_checkpointed_iteration.txt").read_text() in ("2", "4")
-    train(killed, tmp_path / "b.json")  # resumes
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in killed.metrics_path.read_text().splitlines()]
-    assert steps == list(range(1, 7))  # redone steps are not logged twice
 
 
 # -- bad input: one line, before any step -----------------------------------------------------------
@@ -235,6 +345,8 @@ def _edit_json(path: Path, **changes) -> None:
     ("batch", "global_batch_size=3 is not divisible by micro_batch_size × data-parallel size = 2 × 1"),
     ("gpu", "train.device is cuda but no GPU is visible"),
     ("seq", "the data's seq_length 256 is above the model's max_position_embeddings 128"),
+    ("layout", "1 processes cannot hold TP×PP = 2"),
+    ("fp16", "train.loss_scale=1.0: fp16 gradients underflow without loss scaling"),
 ])
 def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, case, message):
     from megatron_bridge.checkpoint import CheckpointError
@@ -252,13 +364,22 @@ def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, 
         j = replace(j, global_batch_size=3, micro_batch_size=2)
     elif case == "gpu":
         j = replace(j, device="cuda")
+    elif case == "layout":
+        j = replace(j, pipeline_parallel=2, use_distributed_optimizer=True)
+    elif case == "fp16":
+        j = replace(j, precision="fp16", loss_scale=1.0)
     else:
         _edit_json(ckpt / "rsft_checkpoint.json", **{"hf_config.max_position_embeddings": 128})
     if case == "tokenizer":  # once through the real entry point: exit 2, one `error:` line
-        proc = launch(j, tmp_path / "j.json")
-        _, err = proc.communicate(timeout=300)
-        errors = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
+        import subprocess
+        import sys
+
+        j.write(tmp_path / "j.json")
+        proc = subprocess.run([sys.executable, "-m", "megatron_bridge.training",
+                               str(tmp_path / "j.json")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     else:
         with pytest.raises((JobError, CheckpointError)) as e:
             run(j)
@@ -266,8 +387,11 @@ def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, 
     assert not j.metrics_path.exists()  # no step ran
 
 
-def test_job_checks_refuse_pipeline_parallel_on_cpu(converted, data):
+def test_pipeline_stages_must_divide_the_layers(converted, data):
     meta = json.loads((converted / "rsft_checkpoint.json").read_text())
     stats = json.loads((data / "stats.json").read_text())
-    with pytest.raises(JobError, match="pipeline-parallel training needs CUDA"):
-        job(converted, data, Path("x"), pipeline_parallel=2).check(2, meta, stats)
+    with pytest.raises(JobError, match=r"train.pipeline_parallel=3 must divide the 2 layers; "
+                                       r"use one of \[1, 2\]"):
+        job(converted, data, Path("x"), pipeline_parallel=3).check(3, meta, stats)
+    job(converted, data, Path("x"), pipeline_parallel=2,
+        use_distributed_optimizer=True).check(4, meta, stats)  # PP and dist-opt: fine on CPU

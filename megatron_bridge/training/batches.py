@@ -9,14 +9,14 @@ Tensors for a micro-batch of packed rows (padded to `seq_length` at the end):
 - `tokens`, `labels` (the next token *within the same sample*), `loss_mask` (the data's mask of
   the label token; 0 at each sample's last position and on padding, so nothing crosses a sample
   boundary), `position_ids` (restarting at 0 for every sample);
-- CPU: `attention_mask` [b, 1, s, s], True where attention is *blocked*: causal and
-  block-diagonal over samples (padding is one more block, so no row is fully masked);
-- GPU: `cu_seqlens` (THD `PackedSeqParams`: each sample is its own sequence; micro-batch 1).
+- without Transformer Engine: `attention_mask` [b, 1, s, s], True where attention is *blocked*:
+  causal and block-diagonal over samples (padding is one more block, so no row is fully masked);
+- with it: `cu_seqlens` (THD `PackedSeqParams`: each sample is its own sequence; micro-batch 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,9 +33,15 @@ class MicroBatch:
     segments: torch.Tensor  # [b, s] sample index within the row; padding gets its own index
     lengths: list[list[int]]  # per row: sample lengths (padding excluded)
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        if self.tokens.device == device:
+            return self
+        return replace(self, **{f: getattr(self, f).to(device) for f in
+                                ("tokens", "labels", "loss_mask", "position_ids", "segments")})
+
     def attention_mask(self) -> torch.Tensor:
         s = self.tokens.shape[1]
-        causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+        causal = torch.ones(s, s, dtype=torch.bool, device=self.segments.device).triu(1)
         other = self.segments[:, :, None] != self.segments[:, None, :]
         return (causal[None] | other)[:, None]
 

@@ -15,6 +15,15 @@ class JobError(ValueError):
     """A job that cannot run as described (one line, names the fix)."""
 
 
+def packed_sequences() -> bool:
+    """Packed rows go in as THD sequences (Transformer Engine's attention on CUDA); otherwise
+    with a block-diagonal attention mask (megatron-core's local attention: CPU, or a GPU
+    without TE — same numbers, attention memory quadratic in the row length)."""
+    from megatron_bridge.build import use_te
+
+    return use_te()
+
+
 @dataclass
 class TrainJob:
     checkpoint: str
@@ -38,13 +47,19 @@ class TrainJob:
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    loss_scale: float | None = None
+    """fp16: a constant loss scale; None: dynamic (Megatron's DynamicGradScaler)."""
     use_distributed_optimizer: bool = False
     device: str = "cpu"  # cpu | cuda
     seed: int = 1234
     save_interval: int = 100
     keep_last: int = 2
     log_interval: int = 1
-    recompute: str = "none"  # none | full | selective (GPU)
+    recompute: str = "none"  # none | full | selective
+    attention_dropout: float | None = None
+    """None: the model config's."""
+    hidden_dropout: float | None = None
+    """None: the model config's (0 for the supported architectures)."""
     metrics: str = ""
     """JSONL file for per-step metrics (default: `<save>/metrics.jsonl`)."""
 
@@ -78,17 +93,19 @@ class TrainJob:
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise JobError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
                            f"micro_batch_size × data-parallel size = {self.micro_batch_size} × {dp}")
-        if self.device == "cpu" and self.pipeline_parallel > 1:
-            raise JobError("pipeline-parallel training needs CUDA (megatron-core's schedules are "
-                           "CUDA-only); use pipeline_parallel 1 on CPU")
-        if self.device == "cpu" and self.precision != "fp32":
-            raise JobError(f"train.precision={self.precision} needs a GPU; use fp32 on CPU")
-        if self.device == "cuda" and self.micro_batch_size != 1:
-            raise JobError("train.micro_batch_size must be 1 on GPU: a packed row is one THD "
-                           "sequence batch; raise global_batch_size instead")
-        if self.use_distributed_optimizer and self.device != "cuda":
-            raise JobError("train.use_distributed_optimizer needs CUDA (Megatron's optimizer)")
+        if self.precision == "fp16" and self.loss_scale is not None and self.loss_scale <= 1:
+            raise JobError(f"train.loss_scale={self.loss_scale}: fp16 gradients underflow without "
+                           "loss scaling; leave loss_scale unset (dynamic) or set it above 1")
+        if self.device == "cuda" and self.micro_batch_size != 1 and packed_sequences():
+            raise JobError("train.micro_batch_size must be 1 with Transformer Engine: a packed row "
+                           "is one THD sequence batch; raise global_batch_size instead")
         hf = model_meta["hf_config"]
+        from megatron_bridge.build import check_layout
+
+        try:
+            check_layout(hf, self.tensor_parallel, self.pipeline_parallel)
+        except ValueError as e:
+            raise JobError(f"train.{e}") from None
         tok = data_stats["tokenizer"]
         ours, theirs = tok.get("eos_id"), hf.get("eos_token_id")
         if ours is not None and theirs is not None and ours not in (

@@ -1,15 +1,14 @@
 """Training checkpoints in Megatron-LM's layout, written atomically.
 
     <save>/latest_checkpointed_iteration.txt   the newest *complete* iteration (written last)
-    <save>/iter_0000020/                       torch_dist model shards (+ the Megatron optimizer
-                                               on GPU), and on CPU `optim_tp{t}_pp{p}.pt`;
-                                               `rng_{rank}.pt`; `progress.json`
+    <save>/iter_0000020/                       torch_dist shards of the model and the Megatron
+                                               optimizer; `rng_{rank}.pt`; `progress.json`
     <save>/rsft_checkpoint.json                source config, true vocab, dtype, layout
 
 An iteration is written into `.iter_…tmp` and renamed when every rank has finished, then the
 tracker moves: a crash mid-save leaves the previous checkpoint as the latest. The last
-`keep_last` iterations are kept. Resuming needs the layout (TP/PP/DP) it was saved with: the
-CPU optimizer state is per model-parallel rank.
+`keep_last` iterations are kept. Resuming needs the layout (TP/PP/DP) it was saved with (the
+distributed optimizer's `dp_reshardable` format and the per-rank RNG states follow the layout).
 """
 
 from __future__ import annotations
@@ -44,11 +43,31 @@ def _layout() -> dict[str, int]:
             "data_parallel": ps.get_data_parallel_world_size()}
 
 
-def save(save_dir: Path, iteration: int, model, stepper, metadata: dict[str, Any],
+def rng_state() -> dict[str, Any]:
+    """Every random stream a step draws from: torch's (CPU and this rank's CUDA device) and
+    megatron's model-parallel tracker (attention dropout, forked per TP rank)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    rng = {"torch": torch.get_rng_state(),
+           "tracker": mrandom.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.set_rng_state(rng["torch"])
+    mrandom.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def save(save_dir: Path, iteration: int, stepper, metadata: dict[str, Any],
          keep_last: int) -> Path:
-    """Collective: write iteration `iteration` and make it the latest."""
+    """Collective: write iteration `iteration` (model, optimizer, RNG) and make it the latest."""
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     root = Path(save_dir)
     final = checkpoint.iteration_dir(root, iteration)
@@ -58,14 +77,11 @@ def save(save_dir: Path, iteration: int, model, stepper, metadata: dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state: dict[str, Any] = {"model": model.sharded_state_dict()}
-    if hasattr(stepper, "sharded_state_dict"):  # GPU: Megatron's (distributed) optimizer
-        state["optimizer"] = stepper.sharded_state_dict(state["model"])
+    stepper.sync_params()
+    model_state = stepper.module.sharded_state_dict()
+    state = {"model": model_state, "optimizer": stepper.optimizer_state(model_state)}
     dist_checkpointing.save(state, str(tmp), checkpoint._threaded_torch_dist(2))
-    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    if hasattr(stepper, "state_dict") and ps.get_data_parallel_rank() == 0:
-        torch.save(stepper.state_dict(), tmp / f"optim_tp{tp}_pp{pp}.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_{rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     dist.barrier()
     if rank == 0:
         (tmp / "progress.json").write_text(json.dumps({"iteration": iteration, **_layout()}))
@@ -88,10 +104,9 @@ def save(save_dir: Path, iteration: int, model, stepper, metadata: dict[str, Any
     return final
 
 
-def load(save_dir: Path, iteration: int, model, stepper, source_meta: dict[str, Any]) -> None:
+def load(save_dir: Path, iteration: int, stepper, source_meta: dict[str, Any]) -> None:
     """Collective: restore model, optimizer and RNG of `iteration` for an exact resume."""
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     root = Path(save_dir)
     saved = checkpoint.read_metadata(root)
@@ -103,16 +118,10 @@ def load(save_dir: Path, iteration: int, model, stepper, source_meta: dict[str, 
     if {k: progress[k] for k in _layout()} != _layout():
         raise JobError(f"{target} was saved with layout {progress}, this run is {_layout()}; "
                        "resume with the same TP/PP/DP or start a new save folder")
-    request: dict[str, Any] = {"model": model.sharded_state_dict()}
-    if hasattr(stepper, "sharded_state_dict"):
-        request["optimizer"] = stepper.sharded_state_dict(request["model"])
+    model_state = stepper.module.sharded_state_dict()
+    request = {"model": model_state,
+               "optimizer": stepper.optimizer_state(model_state, loading=True)}
     state = dist_checkpointing.load(request, str(target))
-    model.load_state_dict(state["model"], strict=False)
-    if "optimizer" in state:
-        stepper.load_sharded(state["optimizer"])
-    else:
-        tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        stepper.load_state_dict(torch.load(target / f"optim_tp{tp}_pp{pp}.pt", weights_only=True))
-    rng = target / f"rng_{dist.get_rank()}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+    stepper.module.load_state_dict(state["model"], strict=False)
+    stepper.load_optimizer_state(state["optimizer"])
+    set_rng_state(torch.load(target / f"rng_{dist.get_rank()}.pt", weights_only=False))

@@ -1,16 +1,21 @@
-"""The loss and one optimizer step, on CPU and on GPU.
+"""One optimizer step on megatron-core's own machinery, the same code on CPU and GPU.
+
+Wired as Megatron-LM's training loop wires it: the model wrapped in megatron-core's
+`DistributedDataParallel` (contiguous grad buffers, overlapped bucket reduce), the optimizer from
+`get_megatron_optimizer` (mixed precision, loss scaling, optional DistributedOptimizer), the
+schedule from `get_forward_backward_func` (no pipelining, or 1F1B under pipeline parallel), and on
+the model config `finalize_model_grads_func` (data-parallel reduce, tied embeddings across
+pipeline stages, division by the global token count), `no_sync_func` and `grad_scale_func`.
 
 Loss: cross-entropy on supervised tokens only, normalised per token over the *global* batch —
 the sum over every micro-batch and data-parallel rank divided by the total number of supervised
-tokens (the seed's `--calculate-per-token-loss`), not a mean of per-micro-batch means.
+tokens (`calculate_per_token_loss`, the seed's `--calculate-per-token-loss`), not a mean of
+per-micro-batch means.
 
-The two paths share the model, data, loss definition, LR and checkpoints. They differ in:
-- CPU (`CpuStepper`): block-diagonal causal attention masks for packed rows, a manual
-  micro-batch loop, gradients summed over data-parallel ranks with one gloo all-reduce, global
-  grad-norm clipping, torch AdamW (no weight decay on biases and norms).
-- GPU (`GpuStepper`): THD `PackedSeqParams` (TE attention, documents never attend to each
-  other), megatron-core's schedules (pipeline parallel), Megatron DDP (overlapped grad reduce)
-  and Megatron's optimizer (mixed precision, optional DistributedOptimizer).
+What differs by machine is only what CUDA provides: with Transformer Engine (GPU) packed rows go
+in as THD sequences (`PackedSeqParams`); without it (CPU, or a GPU without TE) they go in with a
+block-diagonal causal attention mask — the same numbers, more attention memory. On a CPU box the
+CUDA hard-codes of megatron-core are redirected by `compat.cuda_as_cpu()`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_bridge import compat
 from megatron_bridge.training.batches import MicroBatch
 from megatron_bridge.training.job import TrainJob
 
+DISTRIBUTED_OPTIMIZER_CHECKPOINT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""Megatron's per-DP-shard optimizer format: saves and loads without gathering (the default
+format refuses the flattened shards of 0.16's DistributedOptimizer)."""
 
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim < 2 or name.endswith(".bias")
+
+def device() -> torch.device:
+    """Where this rank computes: its CUDA device, else the CPU."""
+    if compat.cpu_only():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -40,158 +53,154 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) 
     local = logits.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * local
     if start + local > vocab_size:
+        logits = logits.clone()
         logits[..., max(vocab_size - start, 0):] = float("-inf")
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
 
-def all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
-    """Sum tensors over the group's ranks with one collective (a flat buffer, copied back)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+class Stepper:
+    """The model under megatron-core DDP with its optimizer; `step()` is one optimizer step.
 
+    Build it after the weights are loaded: the optimizer's fp32 master weights are copies of the
+    parameters at construction."""
 
-class CpuStepper:
-    def __init__(self, model, job: TrainJob, vocab_size: int):
-        from megatron.core import parallel_state as ps
-
-        self.model = model
-        self.vocab_size = vocab_size
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in self.named if not no_weight_decay(n, p)],
-             "weight_decay": job.weight_decay},
-            {"params": [p for n, p in self.named if no_weight_decay(n, p)], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=job.lr, betas=(job.adam_beta1, job.adam_beta2),
-                                           eps=job.adam_eps)
-        self.clip = job.clip_grad
-        self.dp_group = ps.get_data_parallel_group()
-        self.tp_group = ps.get_tensor_model_parallel_group()
-
-    def losses(self, mb: MicroBatch) -> torch.Tensor:
-        """Per-token cross-entropy [b, s] (vocab-parallel under TP)."""
-        logits = self.model(mb.tokens, mb.position_ids, mb.attention_mask())
-        return per_token_loss(logits, mb.labels, self.vocab_size)
-
-    def step(self, micro_batches: list[MicroBatch], lr: float) -> dict[str, Any]:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
-        tokens = torch.tensor(sum(float(mb.loss_mask.sum()) for mb in micro_batches),
-                              dtype=torch.float64)
-        dist.all_reduce(tokens, group=self.dp_group)
-        denominator = max(tokens.item(), 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for mb in micro_batches:
-            loss = (self.losses(mb) * mb.loss_mask).sum()
-            (loss / denominator).backward()
-            loss_sum += loss.detach().double()
-        dist.all_reduce(loss_sum, group=self.dp_group)
-        grads = [p.grad for _, p in self.named]
-        if dist.get_world_size(self.dp_group) > 1:  # the global sum: already token-normalised
-            all_reduce_flat(grads, self.dp_group)
-        norm = self.grad_norm()
-        if self.clip and norm > self.clip:
-            for g in grads:
-                g.mul_(self.clip / (norm + 1e-6))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        return {"loss": loss_sum.item() / denominator, "grad_norm": norm,
-                "supervised_tokens": int(tokens.item())}
-
-    def grad_norm(self) -> float:
-        """L2 norm of the whole model's gradient: tensor-parallel shards summed over the TP
-        group, replicated parameters (identical on every TP rank) counted once."""
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
-        for _, p in self.named:  # per-tensor norms in fp32 (as Megatron), summed in fp64
-            sq = torch.linalg.vector_norm(p.grad).double().pow(2)
-            if getattr(p, "tensor_model_parallel", False):
-                sharded += sq
-            else:
-                replicated += sq
-        dist.all_reduce(sharded, group=self.tp_group)
-        return float((sharded + replicated).sqrt())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-
-class GpuStepper:
-    """megatron-core's own machinery (imported only here, on GPU)."""
-
-    def __init__(self, model, job: TrainJob, vocab_size: int):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    def __init__(self, model, job: TrainJob, vocab_size: int, packed: bool):
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.job = job
-        self.vocab_size = vocab_size
+        self.job, self.vocab_size, self.packed = job, vocab_size, packed
         self.module = model
+        config = model.config
+        assert config.calculate_per_token_loss, "build the model with calculate_per_token_loss"
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True,
             use_distributed_optimizer=job.use_distributed_optimizer,
             overlap_param_gather=job.use_distributed_optimizer)
-        self.model = DistributedDataParallel(config=model.config, ddp_config=ddp_config,
-                                             module=model)
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=job.lr, min_lr=job.min_lr,
-                            weight_decay=job.weight_decay, adam_beta1=job.adam_beta1,
-                            adam_beta2=job.adam_beta2, adam_eps=job.adam_eps,
-                            clip_grad=job.clip_grad, bf16=job.precision == "bf16",
-                            fp16=job.precision == "fp16",
-                            use_distributed_optimizer=job.use_distributed_optimizer),
-            [self.model])
+        fp16 = job.precision == "fp16"
+        with compat.cuda_as_cpu():
+            self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(
+                    optimizer="adam", lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay,
+                    adam_beta1=job.adam_beta1, adam_beta2=job.adam_beta2, adam_eps=job.adam_eps,
+                    clip_grad=job.clip_grad, bf16=job.precision == "bf16", fp16=fp16,
+                    loss_scale=job.loss_scale if fp16 else None,
+                    params_dtype=config.params_dtype,
+                    use_distributed_optimizer=job.use_distributed_optimizer),
+                [self.model])
+        # Megatron-LM's train(): the schedule calls these.
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = self.model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
 
-    def step(self, micro_batches: list[MicroBatch], lr: float) -> dict[str, Any]:
-        from megatron.core import parallel_state as ps
+    def forward_step(self, data_iterator, model):
+        """The schedule's `forward_step_func`: this micro-batch through this pipeline stage."""
         from megatron.core.packed_seq_params import PackedSeqParams
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        def forward_step(data_iterator, model):
-            mb: MicroBatch = next(data_iterator)
-            cu = mb.cu_seqlens().cuda()
+        mb: MicroBatch = next(data_iterator).to(device())
+        mask, packed = None, None
+        if self.packed:  # THD: every sample its own sequence (Transformer Engine attention)
+            cu = mb.cu_seqlens().to(mb.tokens.device)
             longest = int((cu[1:] - cu[:-1]).max())
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=longest, max_seqlen_kv=longest)
-            mask, labels = mb.loss_mask.cuda(), mb.labels.cuda()
-            output = model(mb.tokens.cuda(), mb.position_ids.cuda(), None,
-                           packed_seq_params=packed)
+        else:
+            mask = mb.attention_mask()
+        with compat.outside_cuda_as_cpu():
+            output = model(mb.tokens, mb.position_ids, mask, packed_seq_params=packed)
 
-            def loss_func(logits: torch.Tensor):  # last pipeline stage only
-                loss = (per_token_loss(logits, labels, self.vocab_size) * mask).sum()
-                count = mask.sum().to(torch.int)
-                # calculate_per_token_loss: the schedule divides by the global token count
-                return loss, count, {"lm loss": torch.stack([loss.detach(), count.float()])}
+        def loss_func(logits: torch.Tensor):  # last pipeline stage only
+            with compat.outside_cuda_as_cpu():
+                loss = (per_token_loss(logits, mb.labels, self.vocab_size) * mb.loss_mask).sum()
+                count = mb.loss_mask.sum().to(torch.int)
+                # calculate_per_token_loss: finalize_model_grads divides by the global count
+                return loss, count, {"lm loss": torch.stack([loss.detach().double(),
+                                                             count.double()])}
 
-            return output, loss_func
+        return output, loss_func
 
+    def forward_backward(self, micro_batches: list[MicroBatch]) -> list[dict[str, torch.Tensor]]:
+        """Gradients of the step's loss in the DDP buffers (`param.main_grad`): reduced over
+        data-parallel ranks and divided by the global supervised-token count."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        with compat.cuda_as_cpu():
+            return get_forward_backward_func()(
+                forward_step_func=self.forward_step, data_iterator=iter(micro_batches),
+                model=[self.model], num_microbatches=len(micro_batches),
+                seq_length=micro_batches[0].tokens.shape[1],
+                micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
+
+    def step(self, micro_batches: list[MicroBatch], lr: float) -> dict[str, Any]:
+        from megatron.core import parallel_state as ps
+
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
-            num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
-            micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
-        totals = torch.zeros(2, device="cuda")
+            # Megatron marks biases and 1-D params wd_mult 0; only its LR scheduler applies it.
+            group["weight_decay"] = self.job.weight_decay * group["wd_mult"]
+        reports = self.forward_backward(micro_batches)
+        with compat.cuda_as_cpu():
+            updated, grad_norm, _ = self.optimizer.step()
+        # The loss lives on the last pipeline stage: sum it over data-parallel ranks, then hand it
+        # to every stage (zeros elsewhere), so rank 0 can log it.
+        totals = torch.zeros(2, dtype=torch.float64, device=device())
         if ps.is_pipeline_last_stage():
             for r in reports:
                 totals += r["lm loss"]
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
-        return {"loss": float(totals[0] / totals[1].clamp(min=1)), "grad_norm": float(grad_norm or 0),
-                "supervised_tokens": int(totals[1])}
+        loss_sum, tokens = totals.tolist()
+        return {"loss": loss_sum / max(tokens, 1.0), "grad_norm": float(grad_norm or 0.0),
+                "supervised_tokens": int(tokens), "skipped": not updated,
+                "loss_scale": float(self.optimizer.get_loss_scale())}
 
-    def sharded_state_dict(self, model_state: dict[str, Any]) -> dict[str, Any]:
-        return self.optimizer.sharded_state_dict(model_state)
+    # -- checkpoints -------------------------------------------------------------------------
+    def sync_params(self) -> None:
+        """With overlapped param all-gather, a rank's copy of the shards it does not own is only
+        refreshed by the next forward: gather them now (before saving or exporting weights)."""
+        if self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
 
-    def load_sharded(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+    def optimizer_state(self, model_state: dict[str, Any], loading: bool = False) -> dict[str, Any]:
+        """The optimizer's sharded state dict for `dist_checkpointing`, next to the model's."""
+        if loading:
+            self._allocate_torch_adam_state()
+        return self.optimizer.sharded_state_dict(model_state, is_loading=loading,
+                                                 metadata=DISTRIBUTED_OPTIMIZER_CHECKPOINT)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state)
+        # The distributed optimizer (torch Adam) keeps the step count in its param groups and
+        # hands every parameter one shared `step` tensor — then overwrites it with the value
+        # the load request was built with. Give each parameter its own, from the groups.
+        for adam in self._torch_adams():
+            for group in adam.param_groups:
+                for p in group["params"]:
+                    param_state = adam.state[p]
+                    if "step" in group:
+                        param_state["step"] = torch.tensor(float(group["step"]))
+                    elif "step" in param_state:
+                        param_state["step"] = param_state["step"].clone()
+
+    def _torch_adams(self) -> list[torch.optim.Optimizer]:
+        """The torch Adam(W) inside megatron's wrappers (no TE/Apex fused Adam installed)."""
+        wrappers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [w.optimizer for w in wrappers
+                if isinstance(w.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
+
+    def _allocate_torch_adam_state(self) -> None:
+        """Torch Adam allocates its state at the first step; the distributed optimizer's loader
+        reads it (one common `step`) before anything is loaded into it."""
+        for adam in self._torch_adams():
+            for group in adam.param_groups:
+                for p in group["params"]:
+                    if not adam.state[p]:
+                        adam.state[p] = {"step": torch.tensor(0.0),
+                                         "exp_avg": torch.zeros_like(p),
+                                         "exp_avg_sq": torch.zeros_like(p)}

@@ -20,9 +20,9 @@ from megatron_bridge.data.indexed import SFTDataset
 from megatron_bridge.parallel import model_parallel
 from megatron_bridge.training import state
 from megatron_bridge.training.batches import Batches
-from megatron_bridge.training.job import JobError, TrainJob
+from megatron_bridge.training.job import JobError, TrainJob, packed_sequences
 from megatron_bridge.training.schedule import learning_rate
-from megatron_bridge.training.step import CpuStepper, GpuStepper
+from megatron_bridge.training.step import Stepper, device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_FLOPS = float(os.environ.get("RSFT_PEAK_TFLOPS", "989")) * 1e12  # H100 bf16 dense
@@ -38,9 +38,10 @@ def read_inputs(job: TrainJob) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, json.loads(stats_path.read_text())
 
 
-def model_flops(hf: dict[str, Any], lengths: list[list[int]], tokens: int) -> float:
-    """Training FLOPs of one step (Megatron's formula, forward + backward = 3× forward), with
-    attention cost from the real sample lengths (packed samples do not attend to each other)."""
+def model_flops(hf: dict[str, Any], lengths: list[list[int]]) -> float:
+    """Training FLOPs of a step over rows of packed samples (Megatron's formula, forward +
+    backward = 3× forward), attention counted over the real sample lengths (packed samples do
+    not attend to each other; causal: half of each square)."""
     h, layers = hf["hidden_size"], hf["num_hidden_layers"]
     heads = hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
@@ -48,6 +49,7 @@ def model_flops(hf: dict[str, Any], lengths: list[list[int]], tokens: int) -> fl
     ffn = hf["intermediate_size"]
     per_token = layers * (2 * h * head_dim * (heads + 2 * kv) + 2 * heads * head_dim * h
                           + 6 * h * ffn) + 2 * h * hf["vocab_size"]
+    tokens = sum(n for row in lengths for n in row)
     attention = layers * 4 * heads * head_dim * sum(n * n for row in lengths for n in row) / 2
     return 3 * (per_token * tokens + attention)
 
@@ -56,6 +58,38 @@ def memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def model_overrides(job: TrainJob, packed: bool) -> dict[str, Any]:
+    """TransformerConfig fields the training job sets on top of the architecture's."""
+    overrides: dict[str, Any] = {"calculate_per_token_loss": True,
+                                 # TE's fused weight-gradient GEMM into DDP's main_grad
+                                 "gradient_accumulation_fusion": packed}
+    if job.attention_dropout is not None:
+        overrides["attention_dropout"] = job.attention_dropout
+    if job.hidden_dropout is not None:
+        overrides["hidden_dropout"] = job.hidden_dropout
+    if job.recompute != "none":
+        overrides["recompute_granularity"] = job.recompute
+        if job.recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+    return overrides
+
+
+def build_stepper(job: TrainJob, meta: dict[str, Any], resume: int | None) -> Stepper:
+    """This rank's model under megatron-core's DDP and optimizer (model-parallel groups must be
+    initialised): the converted weights and a fresh optimizer (`resume` None), or model,
+    optimizer and RNG of the save folder's iteration `resume`."""
+    packed = packed_sequences()
+    model = build_model(meta["hf_config"], job.tensor_parallel, job.pipeline_parallel,
+                        DTYPES[job.precision], **model_overrides(job, packed)).to(device())
+    if resume is None:
+        checkpoint.load(model, Path(job.checkpoint))
+    # After the weights: the optimizer's master weights are copies of the parameters.
+    stepper = Stepper(model, job, meta["vocab_size"], packed)
+    if resume is not None:
+        state.load(Path(job.save), resume, stepper, meta)
+    return stepper
 
 
 def run(job: TrainJob) -> None:
@@ -67,27 +101,13 @@ def run(job: TrainJob) -> None:
     with model_parallel(job.tensor_parallel, job.pipeline_parallel, job.seed):
         from megatron.core import parallel_state as ps
 
-        gpu = job.device == "cuda"
-        overrides: dict[str, Any] = {"calculate_per_token_loss": True} if gpu else {}
-        if gpu and job.recompute != "none":
-            overrides.update(recompute_granularity=job.recompute,
-                             **({"recompute_method": "uniform", "recompute_num_layers": 1}
-                                if job.recompute == "full" else {}))
-        model = build_model(hf, job.tensor_parallel, job.pipeline_parallel, DTYPES[job.precision],
-                            **overrides)
-        if gpu:
-            model = model.cuda()
-        stepper = (GpuStepper if gpu else CpuStepper)(model, job, meta["vocab_size"])
         save_dir = Path(job.save)
         start = state.latest_iteration(save_dir)
+        stepper = build_stepper(job, meta, start)
+        start = start or 0
         trained_meta = {**meta, "dtype": str(DTYPES[job.precision]).split(".")[-1],
                         "tensor_parallel": job.tensor_parallel,
                         "pipeline_parallel": job.pipeline_parallel}
-        if start is None:
-            checkpoint.load(model, Path(job.checkpoint))  # fine-tune: fresh optimizer, step 0
-            start = 0
-        else:
-            state.load(save_dir, start, model, stepper, meta)
         rank0 = dist.get_rank() == 0
         if rank0:
             print(f"training: steps {start}..{job.train_iters}, {world} processes "
@@ -113,18 +133,22 @@ def run(job: TrainJob) -> None:
                 began = time.perf_counter()
                 result = stepper.step(micro, lr)
                 seconds = time.perf_counter() - began
-                tokens = torch.tensor([sum(sum(r) for mb in micro for r in mb.lengths)],
-                                      dtype=torch.float64)
-                dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+                # This data-parallel rank's tokens and FLOPs, summed over the DP group: the global
+                # batch's, counted once.
+                lengths = [r for mb in micro for r in mb.lengths]
+                work = torch.tensor([sum(map(sum, lengths)), model_flops(hf, lengths)],
+                                    dtype=torch.float64, device=device())
+                dist.all_reduce(work, group=ps.get_data_parallel_group())
+                tokens, flops = work.tolist()
                 record = {"step": step + 1, "loss": result["loss"], "lr": lr,
                           "grad_norm": result["grad_norm"], "tokens": int(tokens),
                           "supervised_tokens": result["supervised_tokens"],
-                          "seconds": round(seconds, 4), "tokens_per_s": round(float(tokens) / seconds, 1),
+                          "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                           "memory_gb": round(memory_gb(), 3)}
-                if gpu:
-                    lengths = [r for mb in micro for r in mb.lengths]
-                    flops = model_flops(hf, lengths, int(tokens)) * ps.get_data_parallel_world_size()
+                if job.device == "cuda":
                     record["mfu"] = round(flops / (seconds * PEAK_FLOPS * world), 4)
+                if job.precision == "fp16":
+                    record.update(loss_scale=result["loss_scale"], skipped=result["skipped"])
                 if metrics and ((step + 1) % job.log_interval == 0 or step + 1 == job.train_iters):
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -132,7 +156,7 @@ def run(job: TrainJob) -> None:
                           f"lr {lr:.3g} grad_norm {result['grad_norm']:.3f} "
                           f"{record['tokens_per_s']:.0f} tok/s", flush=True)
                 if (step + 1) % job.save_interval == 0 or step + 1 == job.train_iters:
-                    state.save(save_dir, step + 1, model, stepper, trained_meta, job.keep_last)
+                    state.save(save_dir, step + 1, stepper, trained_meta, job.keep_last)
         finally:
             if metrics:
                 metrics.close()

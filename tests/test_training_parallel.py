@@ -1,0 +1,138 @@
+"""The one training step under torchrun (gloo, 2 processes): every layout megatron-core offers
+equals one process, the distributed optimizer's weights include the last update, and a kill -9
+mid-run resumes bit-identically (plain and distributed optimizer, with attention dropout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from megatron_bridge import compat
+from megatron_bridge.training.job import TrainJob
+from tests.conftest import ROOT
+from tests.test_training import converted, data, exported, job, metrics  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def launch(j: TrainJob, nproc: int) -> subprocess.Popen:
+    path = Path(j.save).with_suffix(".json")
+    j.write(path)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    runner = ["-m", "tests.train_ranks", str(path)]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+                             if nproc > 1 else []), *runner]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def train(j: TrainJob, nproc: int) -> list[dict]:
+    proc = launch(j, nproc)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    path = Path(j.save).with_suffix(".json")
+    for rank in range(nproc):
+        sites = json.loads(Path(f"{path}.shims.rank{rank}.json").read_text())
+        assert set(sites) <= set(compat.KNOWN_CALL_SITES), sites
+    return metrics(j)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory) -> Path:
+    """A tiny Qwen2 whose output layer is its embedding: under PP they live on different
+    stages, and their gradients must be summed."""
+    from megatron_bridge.convert import hf_to_mcore
+    from tests.test_megatron_bridge import tiny_hf
+
+    root = tmp_path_factory.mktemp("tied")
+    out = root / "ckpt"
+    hf_to_mcore(tiny_hf(root / "hf", "qwen2", tied=True), out, 1, 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(converted, tied, data, tmp_path_factory):  # noqa: F811
+    """The reference: one process (in this one), per model."""
+    from megatron_bridge.training.trainer import run
+
+    runs = {}
+    for name, ckpt in (("untied", converted), ("tied", tied)):
+        # A small learning rate: Adam turns rounding noise in near-zero gradients into ±lr
+        # steps, which would dominate the comparison; the last update (lr 1e-5) must not.
+        j = job(ckpt, data, tmp_path_factory.mktemp("one") / name, lr=1e-4, min_lr=1e-5)
+        run(j)
+        runs[name] = (j, metrics(j))
+    return runs
+
+
+LAYOUTS = {
+    "DP2": ("untied", {}),
+    "TP2": ("untied", {"tensor_parallel": 2}),
+    "PP2": ("untied", {"pipeline_parallel": 2}),
+    "PP2-tied": ("tied", {"pipeline_parallel": 2}),
+    "DP2-distributed-optimizer": ("untied", {"use_distributed_optimizer": True}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_processes_match_one(one_process, tmp_path, layout):
+    model, changes = LAYOUTS[layout]
+    reference, expected = one_process[model]
+    two = TrainJob(**{**reference.__dict__, "save": str(tmp_path / "two"), "metrics": "",
+                      **changes})
+    got = train(two, 2)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(expected, got):
+        assert a["supervised_tokens"] == b["supervised_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
+    # Every parameter of the model, the last update included (the distributed optimizer's
+    # overlapped all-gather would otherwise leave the other rank's shards one step behind).
+    ours = exported(Path(two.save), tmp_path / "two-hf")
+    theirs = exported(Path(reference.save), tmp_path / "one-hf")
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], atol=2e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("nproc, distributed", [(1, False), (2, True)],
+                         ids=["plain", "distributed-optimizer"])
+def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path,  # noqa: F811
+                                                      nproc, distributed):
+    base = dict(train_iters=6, save_interval=2, keep_last=1, attention_dropout=0.1,
+                use_distributed_optimizer=distributed)
+    train(job(converted, data, tmp_path / "straight", **base), nproc)
+    killed = job(converted, data, tmp_path / "killed", **base)
+    proc = launch(killed, nproc)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once step 3 is logged (a checkpoint at 2 exists)
+        if killed.metrics_path.is_file() and len(killed.metrics_path.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: torchrun's ranks die with it
+    proc.communicate()
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not [r for r in alive if _alive(r)], "a rank outlived its torchrun agent"
+    assert (tmp_path / "killed" / "latest_checkpointed_iteration.txt").read_text() in ("2", "4")
+    train(killed, nproc)  # resumes
+    a = exported(tmp_path / "straight", tmp_path / "a")
+    b = exported(tmp_path / "killed", tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(killed)] == list(range(1, 7))  # redone steps logged once
