@@ -51,16 +51,20 @@ def compare(hf_dir: Path, model, vocab_size: int, prompts: list[str] = PROMPTS) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
+    encoded = [torch.tensor([tok.encode(prompt)], dtype=torch.long) for prompt in prompts]
+    if any(ids.numel() == 0 for ids in encoded):
+        raise ValueError(f"the tokenizer in {hf_dir} encodes the prompts to no tokens: the folder "
+                         "lacks the model's tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json); copy them there")
+    if (top := max(int(ids.max()) for ids in encoded)) >= vocab_size:
+        raise ValueError(f"the tokenizer in {hf_dir} yields id {top} but the model has "
+                         f"{vocab_size} tokens: tokenizer and weights are not one model")
     reference = None
     last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     if last:
         reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=model.config.params_dtype).eval()
     rows = []
-    for prompt in prompts:
-        ids = torch.tensor([tok.encode(prompt)])
-        if ids.max() >= vocab_size:
-            raise ValueError(f"the tokenizer in {hf_dir} yields id {int(ids.max())} but the model has "
-                             f"{vocab_size} tokens: tokenizer and weights are not one model")
+    for prompt, ids in zip(prompts, encoded):
         ours = megatron_logits(model, ids, vocab_size)
         if last:
             theirs = reference(ids).logits.float()

@@ -247,3 +247,8 @@ def test_bad_megatron_input_is_one_line(tmp_path, capsys):
                         "--hf-base", str(other)]) == 2
     assert "is a different model (num_hidden_layers differ" in capsys.readouterr().err
     assert not (out / "model.safetensors").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).unlink()
+    assert bridge_main(["verify", "--hf", str(hf), "--mcore", str(tmp_path / "mcore")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks the model's tokenizer files" in err and len(err.splitlines()) == 1

@@ -99,7 +99,8 @@ def test_two_processes_match_one(one_process, tmp_path, layout):
     got = train(two, 2)
     assert len(got) == len(expected) == 4
     for a, b in zip(expected, got):
-        assert a["supervised_tokens"] == b["supervised_tokens"]
+        # The global batch's tokens, counted once whatever the layout.
+        assert (a["tokens"], a["supervised_tokens"]) == (b["tokens"], b["supervised_tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
     # Every parameter of the model, the last update included (the distributed optimizer's

@@ -124,4 +124,4 @@ def load(save_dir: Path, iteration: int, stepper, source_meta: dict[str, Any]) -
     state = dist_checkpointing.load(request, str(target))
     stepper.module.load_state_dict(state["model"], strict=False)
     stepper.load_optimizer_state(state["optimizer"])
-    set_rng_state(torch.load(target / f"rng_{dist.get_rank()}.pt", weights_only=False))
+    set_rng_state(torch.load(target / f"rng_{dist.get_rank()}.pt", weights_only=True))

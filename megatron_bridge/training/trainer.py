@@ -110,9 +110,13 @@ def run(job: TrainJob) -> None:
                         "pipeline_parallel": job.pipeline_parallel}
         rank0 = dist.get_rank() == 0
         if rank0:
+            attention = ("THD packed sequences (Transformer Engine)" if stepper.packed
+                         else "block-diagonal mask (megatron-core local spec)")
             print(f"training: steps {start}..{job.train_iters}, {world} processes "
                   f"(TP {job.tensor_parallel}, PP {job.pipeline_parallel}, "
-                  f"DP {ps.get_data_parallel_world_size()}), seq {seq_length}", flush=True)
+                  f"DP {ps.get_data_parallel_world_size()}), seq {seq_length}, {job.precision}"
+                  f"{', distributed optimizer' if job.use_distributed_optimizer else ''}, "
+                  f"attention: {attention}", flush=True)
         batches = Batches(SFTDataset(Path(job.data) / "train"), seq_length, job.global_batch_size,
                           job.micro_batch_size, ps.get_data_parallel_rank(),
                           ps.get_data_parallel_world_size(), job.seed)
