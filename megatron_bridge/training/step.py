@@ -99,16 +99,16 @@ class Stepper:
         """The schedule's `forward_step_func`: this micro-batch through this pipeline stage."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        mb: MicroBatch = next(data_iterator).to(device())
-        mask, packed = None, None
-        if self.packed:  # THD: every sample its own sequence (Transformer Engine attention)
-            cu = mb.cu_seqlens().to(mb.tokens.device)
-            longest = int((cu[1:] - cu[:-1]).max())
-            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=longest, max_seqlen_kv=longest)
-        else:
-            mask = mb.attention_mask()
         with compat.outside_cuda_as_cpu():
+            mb: MicroBatch = next(data_iterator).to(device())
+            mask, packed = None, None
+            if self.packed:  # THD: every sample its own sequence (Transformer Engine attention)
+                cu = mb.cu_seqlens().to(mb.tokens.device)
+                longest = int((cu[1:] - cu[:-1]).max())
+                packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                         max_seqlen_q=longest, max_seqlen_kv=longest)
+            else:
+                mask = mb.attention_mask()
             output = model(mb.tokens, mb.position_ids, mask, packed_seq_params=packed)
 
         def loss_func(logits: torch.Tensor):  # last pipeline stage only
