@@ -11,6 +11,8 @@ Process-wide, installed by `apply_cpu_shims()` (only without CUDA):
 3. `torch.cuda.synchronize()` is a no-op (checkpoint saves, dist_checkpointing/strategies).
 4. `Tensor.cuda()` returns the tensor unchanged (finalize_model_grads all-reduces the tied
    embedding between the first and last pipeline stages after `.cuda()`).
+5. megatron's "CUDA RNG state" is the CPU generator's: activation recomputation
+   (`tensor_parallel.random.CheckpointFunction`) saves and restores it to replay dropout.
 
 Scoped, `cuda_as_cpu()`: a `TorchFunctionMode` entered only around building DDP and the
 optimizer, the schedule call and `optimizer.step()` (the forward itself runs outside it, see
@@ -103,6 +105,8 @@ def apply_cpu_shims() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _APPLIED = True

@@ -293,6 +293,24 @@ def test_fp16_scales_the_loss_so_gradients_survive(converted, data, tmp_path):
     assert_known_shims()
 
 
+def test_recomputation_replays_dropout_exactly(converted, data, tmp_path):
+    """Recomputed activations must draw the same dropout masks as the forward did: same loss
+    and gradients as keeping the activations."""
+    from megatron_bridge.training.trainer import run
+
+    first = {}
+    for recompute, dropout in (("none", 0.0), ("none", 0.1), ("selective", 0.1), ("full", 0.1)):
+        j = job(converted, data, tmp_path / f"{recompute}{dropout}", train_iters=1,
+                global_batch_size=2, attention_dropout=2 * dropout, hidden_dropout=dropout,
+                recompute=recompute)
+        run(j)
+        first[recompute if dropout else "no dropout"] = metrics(j)[0]
+    assert first["none"]["loss"] != first["no dropout"]["loss"]  # dropout is on
+    for recompute in ("selective", "full"):
+        assert first[recompute]["loss"] == first["none"]["loss"]
+        assert first[recompute]["grad_norm"] == pytest.approx(first["none"]["grad_norm"], rel=1e-6)
+
+
 def test_a_new_cuda_call_site_is_named():
     with pytest.warns(UserWarning, match=r"unreviewed site \?.*test_training.py:"
                                          r"test_a_new_cuda_call_site_is_named"):
