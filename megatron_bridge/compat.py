@@ -18,8 +18,9 @@ Scoped, `cuda_as_cpu()`: a `TorchFunctionMode` entered only around building DDP 
 optimizer, the schedule call and `optimizer.step()` (the forward itself runs outside it, see
 `outside_cuda_as_cpu`). It maps `device="cuda"` to the CPU and answers `Tensor.type()` with the
 `torch.cuda.*` name the optimizer asserts. Every redirect is counted by its megatron-core call
-site (file and qualified function) in `REDIRECTS`; `KNOWN_CALL_SITES` lists the ones megatron-core 0.16
-has: a new one warns, and the tests fail naming it (an upgrade that adds a CUDA-only call).
+site (file and qualified function) in `REDIRECTS`; `KNOWN_CALL_SITES` lists the ones
+megatron-core 0.16 has: a new one warns, and the tests fail naming it (an upgrade that adds a
+CUDA-only call).
 
 Callers also pass an explicit attention mask (megatron's default causal mask is built on CUDA).
 """

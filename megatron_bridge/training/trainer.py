@@ -4,6 +4,7 @@ metrics (rank 0, JSON lines) and save every `save_interval` steps and at the end
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -62,9 +63,12 @@ def memory_gb() -> float:
 
 def model_overrides(job: TrainJob, packed: bool) -> dict[str, Any]:
     """TransformerConfig fields the training job sets on top of the architecture's."""
+    # Weight-gradient GEMMs accumulating straight into DDP's main_grad: TE's layers do it
+    # themselves, megatron's own output layer needs Apex's extension (NGC containers have it;
+    # a pip install of TE does not, and megatron-core refuses the flag without it).
+    fusion = packed and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     overrides: dict[str, Any] = {"calculate_per_token_loss": True,
-                                 # TE's fused weight-gradient GEMM into DDP's main_grad
-                                 "gradient_accumulation_fusion": packed}
+                                 "gradient_accumulation_fusion": fusion}
     if job.attention_dropout is not None:
         overrides["attention_dropout"] = job.attention_dropout
     if job.hidden_dropout is not None:
