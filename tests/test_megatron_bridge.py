@@ -252,3 +252,45 @@ def test_bad_megatron_input_is_one_line(tmp_path, capsys):
     assert bridge_main(["verify", "--hf", str(hf), "--mcore", str(tmp_path / "mcore")]) == 2
     err = capsys.readouterr().err.strip()
     assert "lacks the model's tokenizer files" in err and len(err.splitlines()) == 1
+
+
+def test_a_transformer_engine_model_loads_a_checkpoint_written_without_it(tmp_path):
+    """TE's attention asks for `core_attention._extra_state` (FP8 metadata), which a checkpoint
+    converted on a host without TE lacks (megatron's local attention has none): it starts from
+    defaults; any other key a checkpoint lacks is refused."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_bridge import checkpoint
+    from megatron_bridge.build import build_model
+    from megatron_bridge.checkpoint import CheckpointError
+    from megatron_bridge.parallel import model_parallel
+
+    hf = tiny_hf(tmp_path / "hf", "qwen2")
+    hf_to_mcore(hf, tmp_path / "mcore", 1, 1)
+    meta = checkpoint.read_metadata(tmp_path / "mcore")
+
+    def asking_for(model, key):
+        """The model's real request plus, per layer, what a TE layer adds (one object per layer,
+        stacked along the layers as megatron shards them)."""
+        plain = model.sharded_state_dict
+
+        def sharded_state_dict(*args, **kwargs):
+            extra = {key.replace("layers.", f"layers.{i}."): ShardedObject(key, None, (2,), (i,), 0)
+                     for i in range(2)}
+            return {**plain(*args, **kwargs), **extra}
+
+        model.sharded_state_dict = sharded_state_dict
+        return model
+
+    with model_parallel(1, 1):
+        model = asking_for(build_model(meta["hf_config"]),
+                           "decoder.layers.self_attention.core_attention._extra_state")
+        checkpoint.load(model, tmp_path / "mcore")
+        reference = build_model(meta["hf_config"])
+        checkpoint.load(reference, tmp_path / "mcore")
+        loaded, expected = (dict(m.named_parameters()) for m in (model, reference))
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+        model = asking_for(build_model(meta["hf_config"]), "decoder.layers.mlp.router.weight")
+        with pytest.raises(CheckpointError, match=r"checkpoint lacks \['decoder.layers.mlp.router"):
+            checkpoint.load(model, tmp_path / "mcore")
