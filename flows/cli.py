@@ -122,11 +122,12 @@ def settings_show(
 
 def _bridge(args: list[str], layout: tuple[int, int] | None = None) -> str:
     """Run megatron_bridge (torchrun when TP×PP > 1); a user mistake exits 2 with its line."""
-    from megatron_bridge.launch import BridgeError, run_bridge
+    from megatron_bridge.launch import run_bridge
+    from settings.errors import UserError
 
     try:
         return run_bridge(args, layout)
-    except BridgeError as e:
+    except UserError as e:
         fail(str(e))
     except RuntimeError as e:
         fail(str(e), code=1)

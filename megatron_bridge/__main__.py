@@ -57,11 +57,12 @@ def verify(hf: Path, mcore: Path, tp: int, pp: int, dtype: str = "float32",
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_bridge.checkpoint import CheckpointError
-    from megatron_bridge.convert import ConversionError, hf_to_mcore, mcore_to_hf
+    from megatron_bridge.convert import hf_to_mcore, mcore_to_hf
+    from settings.errors import exit_on_user_error
 
     args = _parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         if args.command == "hf2mcore":
             hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype)
         elif args.command == "mcore2hf":
@@ -73,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     args.json.write_text(text)
                 print(text)
-    except (ConversionError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_on_user_error(work)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 from megatron_bridge.compat import cpu_only
 from megatron_bridge.models import Architecture, Geometry, Kind, architecture_for
+from settings.errors import UserError
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the next linear layer.
 TE_ALIASES = {
@@ -25,9 +26,6 @@ TE_ALIASES = {
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
-
-class ConversionError(ValueError):
-    """Weights that do not fit the config or table, or a missing/corrupt shard (one line)."""
 
 
 VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
@@ -54,11 +52,11 @@ def check_layout(hf: dict[str, Any], tp: int, pp: int) -> None:
     layers = hf["num_hidden_layers"]
     if heads % tp or groups % tp:
         divisors = [d for d in range(1, groups + 1) if groups % d == 0 and heads % d == 0]
-        raise ValueError(f"tensor_parallel={tp} must divide the {heads} attention heads and {groups} "
+        raise UserError(f"tensor_parallel={tp} must divide the {heads} attention heads and {groups} "
                          f"KV groups; use one of {divisors}")
     if layers % pp:
         divisors = [d for d in range(1, layers + 1) if layers % d == 0]
-        raise ValueError(f"pipeline_parallel={pp} must divide the {layers} layers; use one of "
+        raise UserError(f"pipeline_parallel={pp} must divide the {layers} layers; use one of "
                          f"{divisors}")
 
 
@@ -134,7 +132,7 @@ def param_rows(model, arch: Architecture, tied: bool):
             template = f"decoder.layers.{{L}}.{TE_ALIASES.get(rest, rest)}"
         row = table.get(template)
         if row is None:
-            raise ConversionError(f"megatron parameter {name} has no mapping in the {arch.name} "
+            raise UserError(f"megatron parameter {name} has no mapping in the {arch.name} "
                                   "table (megatron_bridge/models)")
         hf_names = tuple(n.format(L=layer) for n in row.hf)
         if tied and template == "output_layer.weight":
@@ -146,7 +144,9 @@ def mark_tensor_parallel(model, hf: dict[str, Any]) -> None:
     """Set megatron's `tensor_model_parallel`/`partition_dim` attributes on every sharded
     parameter, from the architecture table. Megatron sets them while initialising weights, which
     a converted model skips; gradient-norm clipping relies on them to count shards once."""
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    from megatron.core.tensor_parallel.layers import (
+        set_tensor_model_parallel_attributes,
+    )
 
     dims = {Kind.COLUMN: 0, Kind.QKV: 0, Kind.GATED_MLP: 0, Kind.VOCAB: 0, Kind.ROW: 1}
     tied = bool(hf.get("tie_word_embeddings", False))

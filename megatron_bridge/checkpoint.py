@@ -13,13 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from settings.errors import UserError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "rsft_checkpoint.json"
 MAPPING_VERSION = 1
 
-
-class CheckpointError(ValueError):
-    """A folder that is not a usable rsft/Megatron checkpoint (one line, names the fix)."""
 
 
 def iteration_dir(root: Path, iteration: int | str) -> Path:
@@ -29,17 +28,17 @@ def iteration_dir(root: Path, iteration: int | str) -> Path:
 def read_tracker(root: Path) -> str:
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
-        raise CheckpointError(f"{root} is not a Megatron checkpoint (no {TRACKER})")
+        raise UserError(f"{root} is not a Megatron checkpoint (no {TRACKER})")
     value = tracker.read_text().strip()
     if value != "release" and not value.isdigit():
-        raise CheckpointError(f"{tracker} holds {value!r}, expected an iteration or 'release'")
+        raise UserError(f"{tracker} holds {value!r}, expected an iteration or 'release'")
     return value
 
 
 def read_metadata(root: Path) -> dict[str, Any]:
     path = Path(root) / METADATA
     if not path.is_file():
-        raise CheckpointError(f"{root} has no {METADATA}; it was not written by rsft convert (convert "
+        raise UserError(f"{root} has no {METADATA}; it was not written by rsft convert (convert "
                               "it again with `rsft convert hf2mcore`)")
     return json.loads(path.read_text())
 
@@ -53,8 +52,11 @@ def _threaded_torch_dist(threads: int):
     read by the standard `torch_dist` load strategy."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
 
     class ThreadedTorchDistSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
@@ -104,12 +106,12 @@ def load(model, root: Path, iteration: int | None = None) -> None:
         target = iteration_dir(root, iteration)
         if not target.is_dir():
             have = ", ".join(map(str, available_iterations(root))) or "none"
-            raise CheckpointError(f"{root} has no checkpoint of iteration {iteration} "
+            raise UserError(f"{root} has no checkpoint of iteration {iteration} "
                                   f"(available: {have})")
     else:
         target = iteration_dir(root, read_tracker(root))
     if not target.is_dir():
-        raise CheckpointError(f"{root}: the tracker points to {target.name}, which does not exist")
+        raise UserError(f"{root}: the tracker points to {target.name}, which does not exist")
     # "Unexpected" = asked for but not in the checkpoint: leave those out of the load, then
     # tolerate only Transformer Engine's `_extra_state` (FP8 metadata) — a checkpoint written on
     # a host without TE has none, and a TE model starts from its defaults.
@@ -118,8 +120,8 @@ def load(model, root: Path, iteration: int | None = None) -> None:
         strict=StrictHandling.RETURN_UNEXPECTED)
     unexpected = sorted(k for k in unexpected if not k.endswith("_extra_state"))
     if unexpected:
-        raise CheckpointError(f"{root}: checkpoint lacks {unexpected[:3]}…; it is not this model")
+        raise UserError(f"{root}: checkpoint lacks {unexpected[:3]}…; it is not this model")
     missing, _ = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing:
-        raise CheckpointError(f"{root}: checkpoint lacks {missing[:3]}…; it is not this model")
+        raise UserError(f"{root}: checkpoint lacks {missing[:3]}…; it is not this model")

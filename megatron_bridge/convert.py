@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from megatron_bridge import checkpoint
 from megatron_bridge.files import staged_output
-from megatron_bridge.build import (DTYPES, ConversionError, build_model, check_layout, geometry,
-                                   hf_dtype, param_rows, read_hf_config)
+from megatron_bridge.build import DTYPES, build_model, check_layout, geometry, hf_dtype, param_rows, read_hf_config
+from settings.errors import UserError
 
 from megatron_bridge.models import Architecture, Geometry, architecture_for, to_hf, to_megatron
 from megatron_bridge.parallel import model_parallel
@@ -50,7 +50,7 @@ class HFWeights:
         elif (self.dir / "model.safetensors").is_file():
             self.where = None
         else:
-            raise ConversionError(f"{self.dir} has no model.safetensors or "
+            raise UserError(f"{self.dir} has no model.safetensors or "
                                   "model.safetensors.index.json")
         self._headers: dict[str, tuple[dict[str, Any], int]] = {}
 
@@ -58,7 +58,7 @@ class HFWeights:
         if fname not in self._headers:
             path = self.dir / fname
             if not path.is_file():
-                raise ConversionError(f"safetensors shard {fname} is missing from {self.dir}; "
+                raise UserError(f"safetensors shard {fname} is missing from {self.dir}; "
                                       "re-download the model")
             size = path.stat().st_size
             try:
@@ -72,7 +72,7 @@ class HFWeights:
                 if 8 + length + end > size:
                     raise ValueError(f"data ends at byte {8 + length + end}, file has {size}")
             except (ValueError, struct.error, KeyError, TypeError) as e:
-                raise ConversionError(f"safetensors shard {fname} is corrupt ({e}); re-download "
+                raise UserError(f"safetensors shard {fname} is corrupt ({e}); re-download "
                                       "the model") from None
             self._headers[fname] = (header, 8 + length)
         return self._headers[fname]
@@ -80,11 +80,11 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         fname = self.where.get(name) if self.where is not None else "model.safetensors"
         if fname is None:
-            raise ConversionError(f"{self.dir.name}: tensor {name} is in no shard of the index; the "
+            raise UserError(f"{self.dir.name}: tensor {name} is in no shard of the index; the "
                                   "checkpoint is incomplete or not this architecture")
         header, base = self._header(fname)
         if name not in header:
-            raise ConversionError(f"{self.dir.name}: tensor {name} is missing; the checkpoint is "
+            raise UserError(f"{self.dir.name}: tensor {name} is missing; the checkpoint is "
                                   "incomplete or not this architecture")
         entry = header[name]
         start, end = entry["data_offsets"]
@@ -104,7 +104,7 @@ def load_hf_into_model(model, arch: Architecture, weights: HFWeights, geo: Geome
     for param, row, hf_names in param_rows(model, arch, tied):
         tensor = to_megatron(row.kind, [weights.get(n) for n in hf_names], geo, tp_rank)
         if tensor.shape != param.shape:
-            raise ConversionError(f"{hf_names[0]}: shape {tuple(tensor.shape)} for megatron's "
+            raise UserError(f"{hf_names[0]}: shape {tuple(tensor.shape)} for megatron's "
                                   f"{tuple(param.shape)}; config.json does not match the weights")
         param.copy_(tensor)
         count += 1
@@ -166,11 +166,11 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
         keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "intermediate_size")
         if diff := [k for k in keys if base.get(k) != hf.get(k)]:
-            raise ConversionError(f"--hf-base {hf_base} is a different model ({', '.join(diff)} "
+            raise UserError(f"--hf-base {hf_base} is a different model ({', '.join(diff)} "
                                   "differ from the checkpoint's source config)")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"{out} already exists and is not empty; choose another --out")
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
     arch = architecture_for(hf)
     dtype = DTYPES[meta["dtype"]]
     tied = bool(hf.get("tie_word_embeddings", False))

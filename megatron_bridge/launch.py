@@ -1,6 +1,6 @@
 """Run `python -m megatron_bridge ...` as its own process group: one process, or `torchrun` with
 TP×PP processes. Own timeout (the whole group is killed), full log to a file, and a user mistake
-reported by the bridge (exit 2, `error: …`) comes back as `BridgeError` with that one line."""
+reported by the bridge (exit 2, `error: …`) comes back as `UserError` with that one line."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-
-class BridgeError(ValueError):
-    """A mistake in the input, as the bridge reported it (one line)."""
+from settings.errors import UserError, reported_error
 
 
 def die_with_parent() -> Callable[[], None]:
@@ -75,14 +73,14 @@ def check_devices(nproc: int) -> None:
     import torch
 
     if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
-        raise BridgeError(f"TP×PP = {nproc} processes need {nproc} GPUs; this machine has "
+        raise UserError(f"TP×PP = {nproc} processes need {nproc} GPUs; this machine has "
                           f"{torch.cuda.device_count()}")
 
 
 def run_bridge(args: list[str], layout: tuple[int, int] | None = None,
                log_file: Path | None = None, timeout: float | None = None) -> str:
     """Run the bridge; with a (TP, PP) layout, on TP×PP processes with `--tp/--pp` passed on.
-    Returns its stdout. Raises BridgeError (user mistake) or RuntimeError."""
+    Returns its stdout. Raises UserError (user mistake) or RuntimeError."""
     nproc = 1
     if layout is not None:
         tp, pp = layout
@@ -97,7 +95,7 @@ def run_bridge(args: list[str], layout: tuple[int, int] | None = None,
 def run_command(cmd: list[str], what: str, log_file: Path | None = None,
                 timeout: float | None = None, env: dict[str, str] | None = None) -> str:
     """Run a Python entry point in its own process group (killed whole on timeout or
-    interruption), log its output, and turn its `error: …` line (exit 2) into BridgeError."""
+    interruption), log its output, and turn its `error: …` line (exit 2) into UserError."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True,
@@ -113,10 +111,8 @@ def run_command(cmd: list[str], what: str, log_file: Path | None = None,
         raise
     if log_file is not None:
         Path(log_file).write_text(f"$ {' '.join(cmd)}\n{out}\n{err}")
-    if proc.returncode == 2 or (proc.returncode and "error: " in err):
-        lines = [line for line in err.splitlines() if "error: " in line]
-        if lines:
-            raise BridgeError(lines[-1].split("error: ", 1)[1])
+    if proc.returncode and (reported := reported_error(err.splitlines())):
+        raise UserError(reported)
     if proc.returncode:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n"
                            + "\n".join(err.splitlines()[-30:]))

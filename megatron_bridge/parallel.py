@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_bridge.compat import apply_cpu_shims, cpu_only, seed_model_parallel
 from megatron_bridge.launch import die_with_torchrun_agent, free_port
+from settings.errors import UserError
 
 
 @contextmanager
@@ -36,7 +37,7 @@ def model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234):
         started = True
     try:
         if dist.get_world_size() % (tp * pp):
-            raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
+            raise UserError(f"world size {dist.get_world_size()} is not a multiple of "
                              f"TP×PP = {tp}×{pp}")
         ps.initialize_model_parallel(tensor_model_parallel_size=tp,
                                      pipeline_model_parallel_size=pp)

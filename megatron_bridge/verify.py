@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from settings.errors import UserError
+
 PROMPTS = [
     "What is 7 times 8? Think step by step.",
     "<think>\nThe user asks for the derivative of x^2, which is 2x.\n</think>\n\nThe answer is 2x.",
@@ -53,11 +55,11 @@ def compare(hf_dir: Path, model, vocab_size: int, prompts: list[str] = PROMPTS) 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     encoded = [torch.tensor([tok.encode(prompt)], dtype=torch.long) for prompt in prompts]
     if any(ids.numel() == 0 for ids in encoded):
-        raise ValueError(f"the tokenizer in {hf_dir} encodes the prompts to no tokens: the folder "
+        raise UserError(f"the tokenizer in {hf_dir} encodes the prompts to no tokens: the folder "
                          "lacks the model's tokenizer files (tokenizer.json, "
                          "tokenizer_config.json); copy them there")
     if (top := max(int(ids.max()) for ids in encoded)) >= vocab_size:
-        raise ValueError(f"the tokenizer in {hf_dir} yields id {top} but the model has "
+        raise UserError(f"the tokenizer in {hf_dir} yields id {top} but the model has "
                          f"{vocab_size} tokens: tokenizer and weights are not one model")
     reference = None
     last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0

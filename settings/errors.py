@@ -1,9 +1,45 @@
-"""The one exception type for mistakes a user fixes (bad settings, missing files, wrong input).
+"""The one exception type for mistakes a user fixes (bad settings, missing files, wrong input), and
+the one protocol that carries it out of a child process.
 
-The CLI prints its message as one line (no traceback) and exits with status 2; the message names
-the setting or file and the fix.
+Raised anywhere (settings, megatron_bridge, a stage), it reaches the user once: a stage's task turns
+it into a Failed state with the message (prefixed with the stage's name there, and only there); the
+CLI prints that message as one line and exits 2. A child process (the trainer's ranks, the bridge,
+lighteval) reports it as one `error: <message>` line on stderr and exit status 2
+(`exit_on_user_error`); the parent turns that line back into a UserError (`reported_error`).
 """
 
+from __future__ import annotations
 
-class UserError(Exception):
-    """A problem in the user's input, with a message that says how to fix it."""
+import os
+import sys
+from collections.abc import Callable, Iterable
+
+PREFIX = "error: "
+EXIT_STATUS = 2
+"""Exit status of a process that stopped on a user mistake (the CLI's too)."""
+
+
+class UserError(ValueError):
+    """A problem in the user's input, with a message that says how to fix it (one line)."""
+
+
+def exit_on_user_error(main: Callable[[], object]) -> int:
+    """Run a child process's work: 0 when it returns; on a UserError, print `error: …` (on global
+    rank 0 only, so a torchrun job reports it once) and return 2."""
+    try:
+        main()
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PREFIX}{e}", file=sys.stderr, flush=True)
+        return EXIT_STATUS
+    return 0
+
+
+def reported_error(lines: Iterable[str]) -> str | None:
+    """The user mistake a child process reported among its output lines (its last `error: …`),
+    or None."""
+    found = None
+    for line in lines:
+        if PREFIX in line:
+            found = line.split(PREFIX, 1)[1].strip()
+    return found

@@ -27,7 +27,7 @@ ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant"
                 "gpt": "assistant", "model": "assistant"}
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError):
     """One unusable record: `reason` is a short category for the statistics."""
 
     def __init__(self, where: str, reason: str, detail: str):

@@ -175,7 +175,7 @@ def build(ctx: BuildContext) -> None:
                      settings.sources[i].path, per_source[-1]["usable"], per_source[-1]["records"])
     usable = [s["usable"] for s in per_source]
     if sum(usable) == 0:
-        raise UserError("dataset: no usable records in any source; check dataset.sources")
+        raise UserError("no usable records in any source; check dataset.sources")
     train, test = mixture(usable, [s.weight for s in settings.sources], settings.test_split,
                           settings.seed)
     shorts = short_rows([s["eligible"] for s in per_source], settings.hybrid)

@@ -35,23 +35,17 @@ def make_job(settings: EvaluateSettings, model: Path, out: Path):
 def evaluate_model(settings: EvaluateSettings, model: Path, out: Path) -> dict[str, Any]:
     """Run lighteval on an HF folder into `out` (created); returns results.json's content.
     Raises UserError for a bad folder, task or backend."""
-    from megatron_bridge.launch import BridgeError, run_command
-    from tasks.evaluation.runner import EvalError, check_model_folder, check_tasks
+    from megatron_bridge.launch import run_command
+    from tasks.evaluation.runner import check_model_folder, check_tasks
 
     model, out = Path(model).resolve(), Path(out).resolve()
-    try:
-        job = make_job(settings, model, out)
-        check_model_folder(model)
-        check_tasks(job.tasks)
-    except EvalError as e:
-        raise UserError(f"evaluate: {e}") from None
+    job = make_job(settings, model, out)
+    check_model_folder(model)
+    check_tasks(job.tasks)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(job.model_dump_json(indent=2))
-    try:
-        run_command([sys.executable, "-m", "tasks.evaluation", str(out / "job.json")],
-                    "lighteval", out / "evaluate.log", settings.timeout_minutes * 60)
-    except BridgeError as e:
-        raise UserError(f"evaluate: {e}") from None
+    run_command([sys.executable, "-m", "tasks.evaluation", str(out / "job.json")],
+                "lighteval", out / "evaluate.log", settings.timeout_minutes * 60)
     return json.loads((out / "results.json").read_text())
 
 
@@ -125,11 +119,11 @@ def markdown(manifest: Manifest) -> str:
 def gpus(settings: EvaluateSettings) -> int:
     import torch
 
-    from tasks.evaluation.runner import EvalError, resolve_backend
+    from tasks.evaluation.runner import resolve_backend
 
     try:
         backend = resolve_backend(settings.backend)
-    except EvalError:
+    except UserError:
         return 0  # the build refuses it in one line
     if backend == "vllm":
         return settings.vllm.tensor_parallel * settings.vllm.data_parallel

@@ -44,15 +44,12 @@ def checkpoint_for(train: Manifest, iteration: int | None) -> tuple[Path, int]:
 def generation_config(base: Path, tokenizer_dir: Path, settings: ExportSettings) -> dict[str, Any]:
     """The base model's generation config with EOS = the template's end-of-turn token (plus the
     tokenizer's EOS if different) and sampling on."""
-    from megatron_bridge.data.chat import ChatMasker, TemplateError
+    from megatron_bridge.data.chat import ChatMasker
 
     path = base / "generation_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    try:
-        masker = ChatMasker(tokenizer_dir)
-        end = masker.end_of_turn_id()
-    except TemplateError as e:
-        raise UserError(f"export: {e}") from None
+    masker = ChatMasker(tokenizer_dir)
+    end = masker.end_of_turn_id()
     eos = [end] + ([masker.eos_id] if masker.eos_id not in (None, end) else [])
     config.update(eos_token_id=eos[0] if len(eos) == 1 else eos, do_sample=True,
                   temperature=settings.temperature, top_p=settings.top_p)
@@ -62,7 +59,7 @@ def generation_config(base: Path, tokenizer_dir: Path, settings: ExportSettings)
 
 
 def build(ctx: BuildContext) -> None:
-    from megatron_bridge.launch import BridgeError, run_bridge
+    from megatron_bridge.launch import run_bridge
 
     s: ExportSettings = ctx.settings
     train, tokenizer, base = (ctx.upstream[n].dir for n in ("train", "patch_tokenizer", "download"))
@@ -70,11 +67,8 @@ def build(ctx: BuildContext) -> None:
     timeout = s.timeout_minutes * 60
     pick = ["--iteration", str(iteration)]
     ctx.log.info("export: iteration %d of %s -> HF folder", iteration, source)
-    try:
-        run_bridge(["mcore2hf", "--mcore", str(source), "--out", str(ctx.out), "--hf-base",
-                    str(base), "--max-shard-size", s.max_shard_size, *pick], None, None, timeout)
-    except BridgeError as e:
-        raise UserError(f"export: {e}") from None
+    run_bridge(["mcore2hf", "--mcore", str(source), "--out", str(ctx.out), "--hf-base",
+                str(base), "--max-shard-size", s.max_shard_size, *pick], None, None, timeout)
     for f in tokenizer.iterdir():  # the patched tokenizer replaces the base's
         if f.is_file() and f.name != MANIFEST:
             shutil.copyfile(f, ctx.out / f.name)
@@ -83,7 +77,7 @@ def build(ctx: BuildContext) -> None:
     config = json.loads((ctx.out / "config.json").read_text())
     base_vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     if config["vocab_size"] != base_vocab:
-        raise UserError(f"export: vocab_size {config['vocab_size']} differs from the base "
+        raise UserError(f"vocab_size {config['vocab_size']} differs from the base "
                         f"model's {base_vocab}")
     info = model_card.lineage(ctx.upstream)
     (ctx.out / "model_card_info.json").write_text(json.dumps({**info, "iteration": iteration},
@@ -93,12 +87,9 @@ def build(ctx: BuildContext) -> None:
     if s.verify:
         logs = ctx.out / "logs"
         logs.mkdir()
-        try:
-            run_bridge(["verify", "--hf", str(ctx.out), "--mcore", str(source), *pick, "--json",
-                        str(ctx.out / "verification.json")], (1, 1), logs / "verify.log", timeout)
-        except BridgeError as e:
-            raise UserError(f"export: {e}") from None
-        check_verification(ctx, s.max_abs_diff, s.min_top1_agreement, "export",
+        run_bridge(["verify", "--hf", str(ctx.out), "--mcore", str(source), *pick, "--json",
+                    str(ctx.out / "verification.json")], (1, 1), logs / "verify.log", timeout)
+        check_verification(ctx, s.max_abs_diff, s.min_top1_agreement,
                            "the exported folder does not reproduce the checkpoint's logits")
 
 

@@ -125,7 +125,7 @@ def pytorchjob_manifest(settings: TrainSettings, job_path: Path | str, workdir: 
     k = settings.kubernetes
     workdir, job_path = Path(workdir).absolute(), Path(job_path).absolute()
     if not job_path.is_relative_to(workdir):
-        raise UserError(f"train: the job {job_path} is outside the workdir {workdir}, the only "
+        raise UserError(f"the job {job_path} is outside the workdir {workdir}, the only "
                         "folder the pods mount (train.kubernetes.volume_claim)")
     gpus = gpus_per_pod(settings, trainer_device(settings, job_path))
     command = agent_command(settings, job_path, ENDPOINT, run_id)
@@ -473,7 +473,7 @@ def run_pytorchjob(settings: TrainSettings, job_path: Path, work: Path, run_id: 
             try:
                 kubectl.apply(manifest_path)
             except KubectlError as e:
-                raise UserError(f"train: kubectl apply {manifest_path} failed: {e}") from None
+                raise UserError(f"kubectl apply {manifest_path} failed: {e}") from None
             nodes = settings.nnodes
             log.info("train: created %s (%d pod%s × %d process%s); kubectl get pytorchjob %s "
                      "-n %s", where, nodes, "s" if nodes > 1 else "", settings.nproc_per_node,
@@ -492,7 +492,7 @@ def _finish(watch: _Watch, condition: dict[str, Any] | None, timeout: float, log
         watch.stop_logs()
         watch.save_worker_logs(work)
         _delete_quietly(kubectl, name, log)
-        raise UserError(f"train: timed out after {timeout / 60:.0f} min (train.timeout_minutes); "
+        raise UserError(f"timed out after {timeout / 60:.0f} min (train.timeout_minutes); "
                         "rerun to resume from the latest checkpoint")
     watch.drain_logs()
     watch.save_worker_logs(work)
@@ -501,7 +501,7 @@ def _finish(watch: _Watch, condition: dict[str, Any] | None, timeout: float, log
         return
     _delete_quietly(kubectl, name, log)
     if watch.errors:
-        raise UserError(f"train: {watch.errors[-1]}")
+        raise UserError(f"{watch.errors[-1]}")
     why = ": ".join(x for x in (condition.get("reason", ""), condition.get("message", "")) if x)
     tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
     raise RuntimeError(f"training failed: {where} {why or 'failed'}; see {log_path}:\n{tail}")
@@ -523,7 +523,7 @@ def _check_job_paths(job_path: Path, workdir: Path) -> None:
     for field in ("checkpoint", "data", "save", "metrics"):
         value = job.get(field)
         if value and not Path(value).absolute().is_relative_to(workdir):
-            raise UserError(f"train: the job's {field} {value} is outside the workdir {workdir}, "
+            raise UserError(f"the job's {field} {value} is outside the workdir {workdir}, "
                             "the only folder the pods mount (train.kubernetes.volume_claim)")
 
 
@@ -604,7 +604,7 @@ class _Watch:
                 pulling = True
                 since = self.pulling_since.setdefault(pod, now)
                 if reason in IMAGE_ERRORS_FATAL or now - since >= IMAGE_PULL_GRACE_SECONDS:
-                    raise UserError(f"train: pod {pod} cannot start container {container} (image "
+                    raise UserError(f"pod {pod} cannot start container {container} (image "
                                     f"{image}): {reason}: {_first_line(message)}; check "
                                     "train.kubernetes.image and the cluster's access to it")
         if not pulling:

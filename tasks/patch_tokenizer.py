@@ -59,7 +59,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def rename_tokens(folder: Path, settings: PatchTokenizerSettings) -> list[str]:
     tj = _read_json(folder / "tokenizer.json")
     if tj is None:
-        raise UserError(f"patch_tokenizer: {folder} has no tokenizer.json (a fast tokenizer is "
+        raise UserError(f"{folder} has no tokenizer.json (a fast tokenizer is "
                         "required); check download.source")
     configs = {name: data for name in ("tokenizer_config.json", "special_tokens_map.json")
                if (data := _read_json(folder / name)) is not None}
@@ -68,11 +68,11 @@ def rename_tokens(folder: Path, settings: PatchTokenizerSettings) -> list[str]:
     changes: list[str] = []
     for r in settings.renames:
         if r.id not in added:
-            raise UserError(f"patch_tokenizer: token id {r.id} is not an added token of this "
+            raise UserError(f"token id {r.id} is not an added token of this "
                             "tokenizer; fix patch_tokenizer.renames or download.source")
         clash = [i for i, t in added.items() if t["content"] == r.content and i != r.id]
         if clash or (isinstance(vocab, dict) and vocab.get(r.content, r.id) != r.id):
-            raise UserError(f"patch_tokenizer: {r.content!r} already exists as another token; "
+            raise UserError(f"{r.content!r} already exists as another token; "
                             "choose another name in patch_tokenizer.renames")
         if _rename_entry(added[r.id], r, "tokenizer.json"):
             changes.append(f"tokenizer.json: {r.id} {r.original!r} -> {r.content!r} "
@@ -105,7 +105,7 @@ def read_template(folder: Path) -> tuple[str | None, str]:
         return jinja.read_text(), "chat_template.jinja"
     template = (_read_json(folder / "tokenizer_config.json") or {}).get("chat_template")
     if isinstance(template, list):
-        raise UserError("patch_tokenizer: this tokenizer has several named chat templates; "
+        raise UserError("this tokenizer has several named chat templates; "
                         "set patch_tokenizer.chat_template_file to the one to train with")
     return template, "tokenizer_config.json"
 
@@ -147,7 +147,7 @@ def patch_folder(folder: Path, settings: PatchTokenizerSettings) -> list[str]:
         template = path.read_text()
         changes.append(f"chat template replaced by {path.name}")
     if template is None:
-        raise UserError("patch_tokenizer: the tokenizer has no chat template; set "
+        raise UserError("the tokenizer has no chat template; set "
                         "patch_tokenizer.chat_template_file")
     template, edits = edit_template(template, settings)
     write_template(folder, template, where)
@@ -195,7 +195,7 @@ def verify_folder(folder: Path, settings: PatchTokenizerSettings) -> dict[str, s
               "patch_tokenizer.chat_template_file to a template that keeps the reasoning")
     if settings.generation_prompt_suffix is not None:
         if not full.startswith(user_only) or PROBE_ANSWER[:8] not in full:
-            raise UserError("patch_tokenizer: cannot find the assistant tag in the rendered chat "
+            raise UserError("cannot find the assistant tag in the rendered chat "
                             "template; set patch_tokenizer.chat_template_file")
         start = full.index(PROBE_ANSWER[:8], len(user_only))
         assistant_tag = full[len(user_only):start]

@@ -207,7 +207,7 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
         with concurrency(GPU_LIMIT, occupy=slots, strict=True):
             return run()
     except UserError as e:
-        return Failed(message=str(e))
+        return Failed(message=f"{stage.name}: {e}")
 
 
 # -- transactions: a stage failing its verification rolls its artifact back ---------------------

@@ -35,16 +35,11 @@ def options(settings: TokenizeSettings):
 def tokenize_dataset(settings: TokenizeSettings, splits: dict[str, Path], tokenizer_dir: Path,
                      out: Path, log) -> dict[str, Any]:
     """Tokenize each split's Parquet into `out`; returns the statistics (also in stats.json)."""
-    from megatron_bridge.data.chat import TemplateError
-    from megatron_bridge.data.pipeline import (DataError, count_rows, make_masker,
-                                               tokenize_split)
+    from megatron_bridge.data.pipeline import count_rows, make_masker, tokenize_split
 
     opts = options(settings)
-    try:
-        masker = make_masker(tokenizer_dir, opts)
-        masker.check()  # before reading any data
-    except TemplateError as e:
-        raise UserError(f"tokenize: {e}") from None
+    masker = make_masker(tokenizer_dir, opts)
+    masker.check()  # before reading any data
     stats: dict[str, Any] = {"seq_length": settings.seq_length, "pack": settings.pack,
                              "tokenizer": masker.describe(), "splits": {}}
     for split, parquet in splits.items():
@@ -53,11 +48,7 @@ def tokenize_dataset(settings: TokenizeSettings, splits: dict[str, Path], tokeni
             continue
         with tqdm(total=total, desc=f"tokenizing {split}", unit="sample", leave=False,
                   disable=total < 1000) as bar:
-            try:
-                result = tokenize_split(parquet, tokenizer_dir, out / split, opts, bar.update,
-                                        masker)
-            except (TemplateError, DataError) as e:
-                raise UserError(f"tokenize: {e}") from None
+            result = tokenize_split(parquet, tokenizer_dir, out / split, opts, bar.update, masker)
         log.info("tokenize: %s: %d of %d samples in %d rows, %.1f%% packed, %d dropped, "
                  "%d truncated", split, result["samples_out"], result["samples_in"],
                  result["rows"], 100 * result["packing_efficiency"],
@@ -66,7 +57,7 @@ def tokenize_dataset(settings: TokenizeSettings, splits: dict[str, Path], tokeni
     train = stats["splits"].get("train")
     if train is None or train["samples_out"] == 0:
         dropped = (train or {}).get("dropped", {})
-        raise UserError(f"tokenize: every training sample was dropped ({dropped or 'no samples'}); "
+        raise UserError(f"every training sample was dropped ({dropped or 'no samples'}); "
                         "raise tokenize.seq_length or set tokenize.overlong: truncate")
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot_lengths(stats, out / "lengths.png")

@@ -55,7 +55,7 @@ def local_commands(settings: TrainSettings, job_path: Path, run_id: str,
     command = agent_command(settings, job_path, endpoint, run_id)
     per_node, needed = settings.nproc_per_node, settings.nproc_per_node * settings.nnodes
     if gpus is not None and len(gpus) < needed:
-        raise UserError(f"train: nnodes × nproc_per_node = {needed} GPUs, this host has "
+        raise UserError(f"nnodes × nproc_per_node = {needed} GPUs, this host has "
                         f"{len(gpus)}; lower train.nproc_per_node or nnodes")
     return [["env", "CUDA_VISIBLE_DEVICES="
              + (",".join(gpus[i * per_node:(i + 1) * per_node]) if gpus is not None else ""),
@@ -153,10 +153,10 @@ def run_agents(commands: list[list[str]], log_path: Path, timeout: float, log) -
                 f.close()
     returncode = next((p.returncode for p in procs if p.returncode), 0)
     if time.monotonic() >= deadline and returncode:
-        raise UserError(f"train: timed out after {timeout / 60:.0f} min (train.timeout_minutes); "
+        raise UserError(f"timed out after {timeout / 60:.0f} min (train.timeout_minutes); "
                         "rerun to resume from the latest checkpoint")
     if errors:
-        raise UserError(f"train: {errors[-1]}")
+        raise UserError(f"{errors[-1]}")
     if returncode:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"training failed (exit {returncode}); see {log_path}:\n{tail}")

@@ -263,9 +263,9 @@ def test_overlong_policies(patched_tokenizer, tmp_path):
     cut = tokenize_split(data, patched_tokenizer, tmp_path / "t",
                          Options(64, overlong="truncate", workers=1))
     assert cut["truncated"] == 1 and cut["samples_out"] == 2 and cut["length"]["max"] == 64
-    from megatron_bridge.data.pipeline import DataError
+    from settings.errors import UserError
 
-    with pytest.raises(DataError, match="t record 1: .* tokens is longer than tokenize.seq_length=64"):
+    with pytest.raises(UserError, match="t record 1: .* tokens is longer than tokenize.seq_length=64"):
         tokenize_split(data, patched_tokenizer, tmp_path / "e", Options(64, overlong="error",
                                                                         workers=1))
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_bridge import compat
-from megatron_bridge.training.job import JobError, TrainJob
+from megatron_bridge.training.job import TrainJob
+from settings.errors import UserError
 from settings.models import DatasetSource, HybridSettings, TokenizeSettings
 from tests.conftest import ROOT
 from tests.test_data import LOG, TRACE_FIELDS, TRACES, build_dataset
@@ -367,7 +368,7 @@ def _edit_json(path: Path, **changes) -> None:
     ("fp16", "train.loss_scale=1.0: fp16 gradients underflow without loss scaling"),
 ])
 def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, case, message):
-    from megatron_bridge.checkpoint import CheckpointError
+    from settings.errors import UserError
     from megatron_bridge.training.trainer import run
 
     ckpt, tok = tmp_path / "ckpt", tmp_path / "tok"
@@ -399,7 +400,7 @@ def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, 
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     else:
-        with pytest.raises((JobError, CheckpointError)) as e:
+        with pytest.raises((UserError, UserError)) as e:
             run(j)
         assert message in str(e.value) and "\n" not in str(e.value)
     assert not j.metrics_path.exists()  # no step ran
@@ -408,7 +409,7 @@ def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, 
 def test_pipeline_stages_must_divide_the_layers(converted, data):
     meta = json.loads((converted / "rsft_checkpoint.json").read_text())
     stats = json.loads((data / "stats.json").read_text())
-    with pytest.raises(JobError, match=r"train.pipeline_parallel=3 must divide the 2 layers; "
+    with pytest.raises(UserError, match=r"train.pipeline_parallel=3 must divide the 2 layers; "
                                        r"use one of \[1, 2\]"):
         job(converted, data, Path("x"), pipeline_parallel=3).check(3, meta, stats)
     job(converted, data, Path("x"), pipeline_parallel=2,

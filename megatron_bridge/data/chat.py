@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from settings.errors import UserError
+
 Messages = list[dict[str, str]]
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """The tokenizer/chat template cannot produce a correct loss mask (one line, names the fix)."""
 
 

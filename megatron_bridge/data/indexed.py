@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from settings.errors import UserError
+
 
 def paths(prefix: Path) -> dict[str, Path]:
     prefix = Path(prefix)
@@ -56,7 +58,7 @@ class SFTDataset:
         p = paths(prefix)
         missing = [str(f) for f in p.values() if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"tokenized dataset is incomplete: {missing[0]} is missing")
+            raise UserError(f"tokenized dataset is incomplete: {missing[0]} is missing")
         self.tokens = IndexedDataset(str(Path(prefix).with_name(Path(prefix).name + "-tokens")))
         self.mask = IndexedDataset(str(Path(prefix).with_name(Path(prefix).name + "-mask")))
         # Copies: views into the index's mmap would dangle once this object is gone.
@@ -64,7 +66,7 @@ class SFTDataset:
         self.lengths = np.array(self.tokens.sequence_lengths)
         if not np.array_equal(self.rows, self.mask.document_indices) or not np.array_equal(
                 self.lengths, self.mask.sequence_lengths):
-            raise ValueError(f"{prefix}: tokens and mask datasets do not have the same layout")
+            raise UserError(f"{prefix}: tokens and mask datasets do not have the same layout")
 
     def __len__(self) -> int:
         return len(self.rows) - 1

@@ -24,13 +24,11 @@ import numpy as np
 from megatron_bridge.data.chat import ChatMasker
 from megatron_bridge.data.indexed import SFTWriter, paths
 from megatron_bridge.data.packing import best_fit_decreasing
+from settings.errors import UserError
 
 CHUNK = 128  # samples per worker task: fixed, so chunking never depends on the worker count
 HISTOGRAM_BINS = 32
 
-
-class DataError(ValueError):
-    """A sample the settings say must stop the run (one line, names the sample and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,7 @@ def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Op
                    on_progress: Callable[[int], None] = lambda n: None,
                    masker: ChatMasker | None = None) -> dict[str, Any]:
     """Tokenize one split into `<prefix>-tokens/-mask` indexed datasets; returns statistics.
-    Raises TemplateError / DataError for problems the settings do not allow. Pass a `masker`
+    Raises TemplateError / UserError for problems the settings do not allow. Pass a `masker`
     already built for `tokenizer_dir` to skip loading the tokenizer again."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -163,7 +161,7 @@ def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Op
         on_progress(1)
         if len(ids) > limit:
             if options.overlong == "error":
-                raise DataError(f"{where}: {len(ids)} tokens is longer than tokenize.seq_length="
+                raise UserError(f"{where}: {len(ids)} tokens is longer than tokenize.seq_length="
                                 f"{limit}; raise it, or set tokenize.overlong: drop or truncate")
             if options.overlong == "drop":
                 stats.dropped["overlong"] += 1

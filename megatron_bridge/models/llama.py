@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from megatron_bridge.models.base import Architecture, Kind, ParamMap
+from settings.errors import UserError
 
 _L = "model.layers.{L}"
 _M = "decoder.layers.{L}"
@@ -49,16 +50,16 @@ def rope_scaling(hf: dict[str, Any]) -> dict[str, Any]:
     if kind == "llama3" and all(float(scaling.get(k, -1)) == v for k, v in LLAMA3_FIXED.items()):
         return {"rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
     detail = "" if kind != "llama3" else f" with {({k: scaling.get(k) for k in LLAMA3_FIXED})}"
-    raise ValueError(f"rope scaling '{kind}'{detail} is not supported by megatron-core; supported: "
+    raise UserError(f"rope scaling '{kind}'{detail} is not supported by megatron-core; supported: "
                      f"none, or 'llama3' with {LLAMA3_FIXED}")
 
 
 def decoder_config(hf: dict[str, Any], *, qkv_bias: bool, qk_layernorm: bool = False) -> dict[str, Any]:
     """The TransformerConfig + GPTModel kwargs every Llama-style decoder shares."""
     if hf.get("mlp_bias"):
-        raise ValueError("mlp_bias=true is not supported (no Llama/Qwen checkpoint uses it)")
+        raise UserError("mlp_bias=true is not supported (no Llama/Qwen checkpoint uses it)")
     if hf.get("use_sliding_window"):
-        raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
+        raise UserError("sliding-window attention is not supported; set use_sliding_window=false")
     heads = hf["num_attention_heads"]
     return {
         "num_layers": hf["num_hidden_layers"],

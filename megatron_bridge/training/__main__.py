@@ -3,27 +3,20 @@ A user mistake prints `error: <one line>` on rank 0 and exits 2, before any trai
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_bridge.checkpoint import CheckpointError
-    from megatron_bridge.training.job import JobError, TrainJob
+    from megatron_bridge.training.job import TrainJob
     from megatron_bridge.training.trainer import run
+    from settings.errors import exit_on_user_error
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m megatron_bridge.training JOB.json", file=sys.stderr)
         return 2
-    try:
-        run(TrainJob.read(Path(args[0])))
-    except (JobError, CheckpointError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_on_user_error(lambda: run(TrainJob.read(Path(args[0]))))
 
 
 if __name__ == "__main__":

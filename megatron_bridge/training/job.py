@@ -10,9 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-
-class JobError(ValueError):
-    """A job that cannot run as described (one line, names the fix)."""
+from settings.errors import UserError
 
 
 def packed_sequences() -> bool:
@@ -68,7 +66,7 @@ class TrainJob:
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(data) - known):
-            raise JobError(f"{path}: unknown job fields {unknown}")
+            raise UserError(f"{path}: unknown job fields {unknown}")
         return cls(**data)
 
     def write(self, path: Path) -> None:
@@ -83,21 +81,21 @@ class TrainJob:
         import torch
 
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise JobError("train.device is cuda but no GPU is visible; set train.device: cpu "
+            raise UserError("train.device is cuda but no GPU is visible; set train.device: cpu "
                            "(or auto) or run on a GPU machine")
         mp = self.tensor_parallel * self.pipeline_parallel
         if world_size % mp:
-            raise JobError(f"{world_size} processes cannot hold TP×PP = {mp}; set "
+            raise UserError(f"{world_size} processes cannot hold TP×PP = {mp}; set "
                            "train.nproc_per_node × nnodes to a multiple of it")
         dp = world_size // mp
         if self.global_batch_size % (self.micro_batch_size * dp):
-            raise JobError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
+            raise UserError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
                            f"micro_batch_size × data-parallel size = {self.micro_batch_size} × {dp}")
         if self.precision == "fp16" and self.loss_scale is not None and self.loss_scale <= 1:
-            raise JobError(f"train.loss_scale={self.loss_scale}: fp16 gradients underflow without "
+            raise UserError(f"train.loss_scale={self.loss_scale}: fp16 gradients underflow without "
                            "loss scaling; leave loss_scale unset (dynamic) or set it above 1")
         if self.device == "cuda" and self.micro_batch_size != 1 and packed_sequences():
-            raise JobError("train.micro_batch_size must be 1 with Transformer Engine: a packed row "
+            raise UserError("train.micro_batch_size must be 1 with Transformer Engine: a packed row "
                            "is one THD sequence batch; raise global_batch_size instead")
         hf = model_meta["hf_config"]
         from megatron_bridge.build import check_layout
@@ -105,22 +103,22 @@ class TrainJob:
         try:
             check_layout(hf, self.tensor_parallel, self.pipeline_parallel)
         except ValueError as e:
-            raise JobError(f"train.{e}") from None
+            raise UserError(f"train.{e}") from None
         tok = data_stats["tokenizer"]
         ours, theirs = tok.get("eos_id"), hf.get("eos_token_id")
         if ours is not None and theirs is not None and ours not in (
                 theirs if isinstance(theirs, list) else [theirs]):
-            raise JobError(f"the data was tokenized with a tokenizer whose EOS is {ours}, but "
+            raise UserError(f"the data was tokenized with a tokenizer whose EOS is {ours}, but "
                            f"the model's config says {theirs}: re-tokenize with this model's "
                            "tokenizer")
         if tok["vocab_size"] > model_meta["vocab_size"]:
-            raise JobError(f"the data's tokenizer has {tok['vocab_size']} tokens, the model only "
+            raise UserError(f"the data's tokenizer has {tok['vocab_size']} tokens, the model only "
                            f"{model_meta['vocab_size']}: data and model are not from one tokenizer")
         max_pos = hf.get("max_position_embeddings")
         if max_pos and data_stats["seq_length"] > max_pos:
-            raise JobError(f"the data's seq_length {data_stats['seq_length']} is above the model's "
+            raise UserError(f"the data's seq_length {data_stats['seq_length']} is above the model's "
                            f"max_position_embeddings {max_pos}; re-tokenize with a shorter one")
         rows = data_stats["splits"]["train"]["rows"]
         if rows < self.global_batch_size:
-            raise JobError(f"the data has {rows} rows, fewer than one global batch "
+            raise UserError(f"the data has {rows} rows, fewer than one global batch "
                            f"({self.global_batch_size}); lower train.global_batch_size")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_bridge import checkpoint
 from megatron_bridge.files import fsync_path
-from megatron_bridge.training.job import JobError
+from settings.errors import UserError
 
 
 def latest_iteration(save: Path) -> int | None:
@@ -111,12 +111,12 @@ def load(save_dir: Path, iteration: int, stepper, source_meta: dict[str, Any]) -
     root = Path(save_dir)
     saved = checkpoint.read_metadata(root)
     if saved.get("hf_config") != source_meta.get("hf_config"):
-        raise JobError(f"{root} holds checkpoints of another model; use a new save folder or "
+        raise UserError(f"{root} holds checkpoints of another model; use a new save folder or "
                        "delete it to start over")
     target = checkpoint.iteration_dir(root, iteration)
     progress = json.loads((target / "progress.json").read_text())
     if {k: progress[k] for k in _layout()} != _layout():
-        raise JobError(f"{target} was saved with layout {progress}, this run is {_layout()}; "
+        raise UserError(f"{target} was saved with layout {progress}, this run is {_layout()}; "
                        "resume with the same TP/PP/DP or start a new save folder")
     model_state = stepper.module.sharded_state_dict()
     request = {"model": model_state,

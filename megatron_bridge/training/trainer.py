@@ -21,7 +21,8 @@ from megatron_bridge.data.indexed import SFTDataset
 from megatron_bridge.parallel import model_parallel
 from megatron_bridge.training import state
 from megatron_bridge.training.batches import Batches
-from megatron_bridge.training.job import JobError, TrainJob, packed_sequences
+from megatron_bridge.training.job import TrainJob, packed_sequences
+from settings.errors import UserError
 from megatron_bridge.training.schedule import learning_rate
 from megatron_bridge.training.step import Stepper, device
 
@@ -34,7 +35,7 @@ def read_inputs(job: TrainJob) -> tuple[dict[str, Any], dict[str, Any]]:
     checkpoint.read_tracker(Path(job.checkpoint))
     stats_path = Path(job.data) / "stats.json"
     if not stats_path.is_file():
-        raise JobError(f"{job.data} is not a tokenize artifact (no stats.json); run the tokenize "
+        raise UserError(f"{job.data} is not a tokenize artifact (no stats.json); run the tokenize "
                        "stage first")
     return meta, json.loads(stats_path.read_text())
 

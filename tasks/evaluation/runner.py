@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from settings.errors import UserError, exit_on_user_error
 from settings.models import VllmSettings
 from tasks.evaluation.local_tasks import LOCAL_TASKS, tasks_module
 
@@ -35,9 +36,6 @@ log = logging.getLogger("rsft.evaluate")
 # open-r1's evaluation suite (its README); others work too if lighteval has them.
 OPEN_R1_TASKS = ("aime24", "math_500", "gpqa:diamond", "lcb:codegeneration")
 
-
-class EvalError(ValueError):
-    """A user mistake caught before lighteval runs (one line, names the fix)."""
 
 
 class EvalJob(BaseModel):
@@ -65,10 +63,10 @@ def resolve_backend(backend: str) -> str:
         return "vllm" if cuda and importlib.util.find_spec("vllm") else "transformers"
     if backend == "vllm":
         if not cuda:
-            raise EvalError("evaluate.backend vllm needs a CUDA GPU and none is visible; use "
+            raise UserError("evaluate.backend vllm needs a CUDA GPU and none is visible; use "
                             "backend: transformers (or auto)")
         if not importlib.util.find_spec("vllm"):
-            raise EvalError("evaluate.backend vllm: vllm is not installed; pip install -e '.[gpu]'")
+            raise UserError("evaluate.backend vllm: vllm is not installed; pip install -e '.[gpu]'")
     return backend
 
 
@@ -76,16 +74,16 @@ def check_model_folder(path: Path) -> None:
     """An HF folder lighteval can load, tokenize and prompt with a chat template."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise EvalError(f"{path} is not a Hugging Face model folder (no config.json); export one "
+        raise UserError(f"{path} is not a Hugging Face model folder (no config.json); export one "
                         "with `rsft run --until export` or `rsft convert mcore2hf`")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                 "vocab.json", "tokenizer.model")):
-        raise EvalError(f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+        raise UserError(f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
                         "copy the patched tokenizer in (`rsft convert mcore2hf --hf-base`)")
     config = path / "tokenizer_config.json"
     template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
     if not template and not (path / "chat_template.jinja").is_file():
-        raise EvalError(f"{path} has no chat template (tokenizer_config.json chat_template or "
+        raise UserError(f"{path} has no chat template (tokenizer_config.json chat_template or "
                         "chat_template.jinja): a reasoning model would be prompted as plain text; "
                         "copy the patched tokenizer in")
 
@@ -95,7 +93,7 @@ def check_tasks(tasks: dict[str, int]) -> None:
     malformed ones are refused here."""
     for name in tasks:
         if not name or any(c in name for c in "|@, "):
-            raise EvalError(f"evaluate.tasks: '{name}' is not a task name (give the name, e.g. "
+            raise UserError(f"evaluate.tasks: '{name}' is not a task name (give the name, e.g. "
                             "aime24; samples go in `samples`)")
 
 
@@ -128,7 +126,7 @@ def task_registry(tasks: dict[str, int], max_new_tokens: int):
     original = Registry.load_all_task_configs
     configs = _builtin_configs() if builtins else {}
     if unknown := [n for n in builtins if n not in configs]:
-        raise EvalError(f"evaluate.tasks: unknown task {', '.join(map(repr, unknown))}; local tasks: "
+        raise UserError(f"evaluate.tasks: unknown task {', '.join(map(repr, unknown))}; local tasks: "
                         f"{', '.join(LOCAL_TASKS)}; lighteval's: `lighteval tasks list` "
                         f"(open-r1 uses {', '.join(OPEN_R1_TASKS)})")
 
@@ -272,11 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     if all(n in LOCAL_TASKS for n in job.tasks):  # nothing to fetch: never wait on the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
+
+    def work() -> None:
         job.backend = resolve_backend(job.backend)
-        summary = run(job)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary["scores"]))
-    return 0
+        print(json.dumps(run(job)["scores"]))
+
+    return exit_on_user_error(work)
