@@ -1,8 +1,13 @@
 """The `sft-pipeline` Prefect flow: plans every stage's artifact key from the settings, then runs
-the selected stages in DAG order as cached Prefect tasks.
+the selected stages as the DAG they form: each stage's task is submitted with its upstream tasks'
+futures as inputs, so it starts when those are done, independent branches (download → convert,
+dataset → tokenize) run at the same time, and the Prefect UI draws the DAG's edges. A failed
+stage stops only what depends on it; the run then fails with that stage's one line.
 
 Before any work it checks the whole plan (settings, stage selection, source fingerprints, and that
 every stage it reuses already has an intact artifact), so a mistake fails in seconds with one line.
+Whether a stage builds or reuses its artifact is decided by the artifact store alone
+(`tasks/stage.py:execute`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
-from prefect.states import Failed, State
-from prefect.transactions import transaction
+from prefect.states import Failed
 
 from flows.notify import on_run_failed
 from flows.selection import Selection, resolve
@@ -24,8 +29,7 @@ from settings.models import HubPushSettings, PipelineSettings
 from tasks import BY_NAME, STAGE_NAMES, hub_push
 from tasks.artifacts import ArtifactStore, Manifest
 from tasks.retry import gave_up, is_transient, retry_options, retry_transient
-from tasks.stage import (STAGE_CACHE, StagePlan, cache_key, plan_key, stage_task,
-                         verify_published)
+from tasks.stage import StagePlan, plan_key, stage_task
 
 
 @dataclass
@@ -124,72 +128,48 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
                 raise UserError(f"stage {p.name} is needed as input but its artifact {p.plan.key} is "
                                 f"{why}; run it first (drop --only/--from) or `rsft run --until {p.name}`")
             manifests[p.name] = manifest
-    status: dict[str, str] = {}
-    for p in planned:
+    futures: dict[str, PrefectFuture] = {}
+    for p in planned:  # DAG order: a stage's upstream futures exist when it is submitted
         if p.action == "reuse":
-            status[p.name] = "reused (not selected)"
             continue
         stage = BY_NAME[p.name]
-        upstream = {u: manifests[u] for u in stage.upstream}
-        existing, _ = store.check(p.name, p.plan.key, verify=verify)
-        if existing and existing.inputs != {u: m.content_hash for u, m in upstream.items()}:
-            existing = None  # built from other upstream content: never trusted
-        force = p.action == "force"
         task = stage_task.with_options(
-            name=p.name, task_run_name=p.name, refresh_cache=force or existing is None,
-            cache_policy=STAGE_CACHE.configure(key_storage=workdir / "prefect" / "cache-keys"),
-            result_storage=workdir / "prefect" / "results",
-            **(retry_options(settings.retries) if stage.network else {}),
-        )
-        args = dict(stage=stage, section=stage.settings(settings), plan=p.plan, upstream=upstream,
-                    workdir=str(workdir), cache_key=cache_key(p.plan, upstream, workdir), force=force,
-                    verify=verify)
-        state, manifest = _build(task, args, stage, existing, settings, log)
-        manifests[p.name] = manifest
-        status[p.name] = state.name
-        if stage.report and (rows := stage.report(manifest)):
-            create_table_artifact(rows, key=f"{p.name.replace('_', '-')}-report",
-                                  description=f"{p.name}: {stage.description}")
-        if stage.markdown:
-            create_markdown_artifact(stage.markdown(manifest),
-                                     key=f"{p.name.replace('_', '-')}-summary",
-                                     description=f"{p.name}: {stage.description}")
+            name=p.name, task_run_name=p.name,
+            **(retry_options(settings.retries) if stage.network else {}))
+        # Futures as inputs: Prefect waits for them, records the edge, and leaves the stage
+        # `NotReady` if one failed.
+        upstream = {u: futures.get(u) or manifests[u] for u in stage.upstream}
+        futures[p.name] = task.submit(stage=stage, section=stage.settings(settings), plan=p.plan,
+                                      upstream=upstream, workdir=str(workdir),
+                                      force=p.action == "force", verify=verify)
+    for future in futures.values():  # every branch runs to its end before the run fails
+        future.wait()
+    status = {name: "reused (not selected)" for name in manifests}
+    failures = []
+    for name, future in futures.items():
+        state = future.state
+        status[name] = state.name
+        if state.is_completed():
+            manifests[name] = future.result()
+        elif state.is_failed():
+            failures.append(_failure(name, state, settings))
+    _summary_artifact(manifests, status)
+    if failures:
+        raise UserError("; ".join(failures))
     if settings.export.push.repo and "export" in manifests:
         _push(manifests, settings, log)
-    _summary_artifact(manifests, status)
     return manifests
 
 
-def _build(task, args: dict, stage, existing: Manifest | None, settings: PipelineSettings,
-           log) -> tuple[State, Manifest]:
-    """Run a stage's task and check what it published, in one transaction: if the check fails,
-    the transaction rolls back — the stage task's rollback hook withdraws the artifact and no
-    cache record is written — so nothing a later run would trust is left behind."""
-    name = stage.name
-    with transaction():
-        state = task(**args, return_state=True)
-        if not state.is_failed():  # a failed task published nothing: the run fails below
-            manifest = state.result()
-            if state.name == "Cached":  # refresh_cache was off: `existing` is an intact artifact
-                if manifest.content_hash == existing.content_hash:
-                    return state, existing  # the disk's manifest: right even if the workdir moved
-                log.warning("%s: cache record disagrees with the artifact on disk; refreshing",
-                            name)
-                state = task.with_options(refresh_cache=True)(**args, return_state=True)
-                manifest = state.result()
-            try:
-                verify_published(stage, manifest, args["workdir"])
-            except Exception as e:  # noqa: BLE001 - any failure of the check withdraws it
-                raise UserError(f"{name}: the published artifact failed its verification "
-                                f"({type(e).__name__}: {e}); it was rolled back — rerun to "
-                                "rebuild it") from e
-            return state, manifest
-    if isinstance(error := state.result(raise_on_failure=False), BaseException):
-        if stage.network and is_transient(error):
-            raise UserError(gave_up(name, error, settings.retries)) from error
-        raise error  # a bug, not a user mistake: fail with its traceback
-    message = state.message or "failed"
-    raise UserError(message if message.startswith(name) else f"{name}: {message}")
+def _failure(name: str, state, settings: PipelineSettings) -> str:
+    """A failed stage's one line. A stage fails with its message for a user mistake; a network
+    stage that gave up on transient errors says so; anything else is a bug: raised, traceback."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, BaseException):
+        if BY_NAME[name].network and is_transient(error):
+            return gave_up(name, error, settings.retries)
+        raise error
+    return state.message or f"{name}: failed"
 
 
 @task(name="push", task_run_name="push", retry_condition_fn=retry_transient)
@@ -216,7 +196,10 @@ def _push(manifests: dict[str, Manifest], settings: PipelineSettings, log) -> No
 
 def _summary_artifact(manifests: dict[str, Manifest], status: dict[str, str]) -> None:
     rows = ["| stage | state | key | size | path |", "|---|---|---|---|---|"]
-    for name, m in manifests.items():
-        rows.append(f"| {name} | {status[name]} | `{m.key}` | {m.size / 1e6:.1f} MB | `{m.path}` |")
+    for name in (n for n in STAGE_NAMES if n in status):
+        if m := manifests.get(name):
+            rows.append(f"| {name} | {status[name]} | `{m.key}` | {m.size / 1e6:.1f} MB | `{m.path}` |")
+        else:
+            rows.append(f"| {name} | {status[name]} | - | - | - |")
     create_markdown_artifact("\n".join(rows), key="sft-pipeline-stages",
                              description="Stage artifacts of this run")

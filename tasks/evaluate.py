@@ -17,7 +17,7 @@ from typing import Any
 from settings.errors import UserError
 from settings.models import EvaluateSettings
 from tasks import model_card
-from tasks.artifacts import ArtifactStore, Manifest, compute_key
+from tasks.artifacts import Manifest, compute_key
 from tasks.stage import BuildContext, Stage, key_settings
 
 
@@ -72,7 +72,7 @@ def _base_results(ctx: BuildContext) -> dict[str, Any] | None:
         return None
     download = ctx.upstream["download"]
     key = compute_key({"base": download.key, "evaluate": key_settings(ctx.settings)})
-    folder = ArtifactStore(download.dir.parents[2]).scratch("evaluate", f"base-{key}")
+    folder = ctx.store.scratch("evaluate", f"base-{key}")
     if (folder / "results.json").is_file() and (folder / "done").is_file():
         ctx.log.info("evaluate: reusing the base model's scores from %s", folder)
         return json.loads((folder / "results.json").read_text())

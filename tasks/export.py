@@ -24,7 +24,8 @@ from tasks.stage import BuildContext, Stage
 NOT_UPLOADED = (MANIFEST, "verification.json", "logs/*", "model_card_info.json")
 
 
-def checkpoint_for(train: Manifest, iteration: int | None) -> tuple[Path, int]:
+def checkpoint_for(train: Manifest, iteration: int | None,
+                   store: ArtifactStore) -> tuple[Path, int]:
     """The checkpoint folder holding `iteration` (the final one in the artifact, earlier ones in
     the training run's scratch folder while `train.keep_last` keeps them)."""
     from megatron_bridge import checkpoint
@@ -32,7 +33,7 @@ def checkpoint_for(train: Manifest, iteration: int | None) -> tuple[Path, int]:
     final = int(checkpoint.read_tracker(train.dir))
     if iteration is None or iteration == final:
         return train.dir, final
-    scratch = ArtifactStore(train.dir.parents[2]).scratch("train", train.key) / "checkpoints"
+    scratch = store.scratch("train", train.key) / "checkpoints"
     have = sorted({final, *checkpoint.available_iterations(scratch)})
     if iteration not in have or not checkpoint.iteration_dir(scratch, iteration).is_dir():
         raise UserError(f"export.iteration {iteration}: no checkpoint of that iteration (kept: "
@@ -63,7 +64,7 @@ def build(ctx: BuildContext) -> None:
 
     s: ExportSettings = ctx.settings
     train, tokenizer, base = (ctx.upstream[n].dir for n in ("train", "patch_tokenizer", "download"))
-    source, iteration = checkpoint_for(ctx.upstream["train"], s.iteration)
+    source, iteration = checkpoint_for(ctx.upstream["train"], s.iteration, ctx.store)
     timeout = s.timeout_minutes * 60
     pick = ["--iteration", str(iteration)]
     ctx.log.info("export: iteration %d of %s -> HF folder", iteration, source)

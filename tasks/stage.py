@@ -2,28 +2,28 @@
 
 A stage module defines a plain `build` function (settings + upstream artifact dirs → files in
 `out`, facts in `meta`) and a `Stage` record naming its version, upstream stages and settings
-section. `execute` publishes the build atomically through the artifact store; `prefect_task`
-wraps `execute` as a Prefect task whose cache key is the artifact's identity, so a reused stage
-shows as `Cached` in the UI.
+section. `execute` is the one place that decides whether a stage runs: under the artifact's
+builder lock it asks the store whether an intact artifact built from the same upstream content
+exists (reuse), else builds, publishes, verifies what it published and withdraws it if that
+fails. `stage_task` wraps `execute` as a Prefect task with no Prefect cache: a reused artifact
+comes back as a `Cached` state, so the UI still shows it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
 from prefect import task
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
-from prefect.states import Failed
-from prefect.transactions import get_transaction
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
 from settings.errors import UserError
@@ -48,6 +48,8 @@ class BuildContext:
     log: logging.Logger
     scratch: Path | None = None
     """Persistent per-key work directory (resumable progress such as training checkpoints)."""
+    store: ArtifactStore | None = None
+    """The store the artifact is published into (to find another stage's scratch folder)."""
 
 
 @dataclass(frozen=True)
@@ -115,51 +117,45 @@ def plan_key(stage: Stage, section: BaseModel, upstream_keys: dict[str, str]) ->
     return StagePlan(stage.name, compute_key(material), material, fingerprint)
 
 
-def cache_key(plan: StagePlan, upstream: dict[str, Manifest], workdir: Path) -> str:
-    """Prefect cache key: the artifact key plus the exact content of the upstream artifacts, so a
-    forced upstream rebuild that changed its output changes every downstream cache key. The
-    workdir is part of it because Prefect's records hold absolute paths into it. (The flow
-    refreshes a record whose artifact is missing, corrupt or built from other inputs.)"""
-    parts = [str(workdir), plan.key, *(f"{u}={m.content_hash}" for u, m in sorted(upstream.items()))]
-    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-    return f"rsft-{plan.stage}-{plan.key}-{digest}"
-
-
 def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[str, Manifest],
             store: ArtifactStore, force: bool = False, verify: bool = False,
-            log: logging.Logger | None = None,
-            on_publish: Callable[[Manifest], None] | None = None) -> Manifest:
-    """Reuse the artifact if it is intact and was built from this exact upstream content;
-    otherwise build and publish it atomically (and call `on_publish`). Idempotent."""
+            log: logging.Logger | None = None) -> tuple[Manifest, bool]:
+    """(manifest, built). Reuse the artifact if it is intact and was built from this exact
+    upstream content; otherwise build it, publish it atomically and verify it in its final place
+    (withdrawn again if that fails). Idempotent; concurrent callers of one key build it once."""
     log = log or logging.getLogger(f"rsft.{stage.name}")
     inputs = {u: m.content_hash for u, m in upstream.items()}
     lock = store.lock(stage.name, plan.key)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("%s: another run is building %s; waiting for it", stage.name, plan.key)
+        log.info("another run is building %s; waiting for it", plan.key)
         lock.acquire()
     try:
         if not force:  # checked under the lock: a concurrent run may just have published it
             existing, why = store.check(stage.name, plan.key, verify=verify)
             if existing is not None and existing.inputs == inputs:
-                log.info("%s: reusing %s", stage.name, existing.dir)
-                return existing
+                log.info("reusing %s", existing.dir)
+                return existing, False
             if existing is not None:
                 why = "its upstream artifacts changed"
-            log.info("%s: building %s (%s)", stage.name, store.path(stage.name, plan.key), why)
+            log.info("building %s (%s)", store.path(stage.name, plan.key), why)
         with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version,
                            stage.records) as build:
             stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log,
-                                     store.scratch(stage.name, plan.key)))
+                                     store.scratch(stage.name, plan.key), store))
+        assert build.manifest is not None
+        try:
+            verify_published(stage, build.manifest, store)
+        except Exception as e:  # noqa: BLE001 - whatever the check raised, withdraw the artifact
+            ArtifactStore.unpublish(build.manifest.dir)
+            raise UserError(f"the published artifact failed its verification "
+                            f"({type(e).__name__}: {e}); it was withdrawn: rerun to rebuild it") from e
     finally:
         lock.release()
-    assert build.manifest is not None
-    if on_publish is not None:
-        on_publish(build.manifest)
-    log.info("%s: published %s (%d files, %.1f MB)", stage.name, build.manifest.dir,
-             len(build.manifest.files), build.manifest.size / 1e6)
-    return build.manifest
+    log.info("published %s (%d files, %.1f MB)", build.manifest.dir, len(build.manifest.files),
+             build.manifest.size / 1e6)
+    return build.manifest, True
 
 
 # -- the thin Prefect wrapper ------------------------------------------------------------------
@@ -182,58 +178,55 @@ def ensure_gpu_limit(gpus: int) -> bool:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(
                 name=GPU_LIMIT, limit=max(1, gpus)))
             return True
-STAGE_CACHE = CacheKeyFnPolicy(cache_key_fn=lambda _ctx, params: params["cache_key"])
 
 
-@task(persist_result=True, cache_policy=STAGE_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[str, Manifest],
-               workdir: str, cache_key: str, force: bool = False, verify: bool = False) -> Manifest:
-    """One pipeline stage as a Prefect task (the flow names it after the stage). A user mistake
-    fails the task with its one-line message instead of a traceback."""
+               workdir: str, force: bool = False, verify: bool = False) -> State:
+    """One pipeline stage as a Prefect task (the flow names it after the stage): `Completed`
+    when built, `Cached` when the store already had it, `Failed` with one line (the stage's name
+    first) for a user mistake. The stage's report and summary become Prefect artifacts."""
     log = get_run_logger()
-    slots = stage.gpus(section) if stage.gpus else 0
-    run = partial(execute, stage, section, plan, upstream, ArtifactStore(Path(workdir)),
-                  force=force, verify=verify, log=log, on_publish=_record_publication)
+    store = ArtifactStore(Path(workdir))
     try:
-        if not slots:
-            return run()
-        import torch
-
-        if ensure_gpu_limit(torch.cuda.device_count()):
-            log.info("created the `%s` concurrency limit with %d slots (this machine's GPUs)",
-                     GPU_LIMIT, torch.cuda.device_count())
-        log.info("%s: waiting for %d slot(s) of the `%s` concurrency limit", stage.name, slots,
-                 GPU_LIMIT)
-        with concurrency(GPU_LIMIT, occupy=slots, strict=True):
-            return run()
+        slots = stage.gpus(section) if stage.gpus else 0
+        if slots:
+            with _gpu_slots(stage, slots, log):
+                manifest, built = execute(stage, section, plan, upstream, store, force, verify, log)
+        else:
+            manifest, built = execute(stage, section, plan, upstream, store, force, verify, log)
     except UserError as e:
         return Failed(message=f"{stage.name}: {e}")
+    _show(stage, manifest)
+    return Completed(data=manifest) if built else Completed(name="Cached", data=manifest)
 
 
-# -- transactions: a stage failing its verification rolls its artifact back ---------------------
-def _record_publication(manifest: Manifest) -> None:
-    """Remember, in the task's transaction, the artifact this attempt published (a reused one is
-    never rolled back)."""
-    if (txn := get_transaction()) is not None:
-        txn.set("published", manifest.path)
+def _gpu_slots(stage: Stage, slots: int, log):
+    """Hold `slots` of the `gpu` limit (created, sized to this machine, if missing)."""
+    import torch
+
+    if ensure_gpu_limit(torch.cuda.device_count()):
+        log.info("created the `%s` concurrency limit with %d slots (this machine's GPUs)",
+                 GPU_LIMIT, torch.cuda.device_count())
+    log.info("waiting for %d slot(s) of the `%s` concurrency limit", slots, GPU_LIMIT)
+    return concurrency(GPU_LIMIT, occupy=slots, strict=True)
 
 
-@stage_task.on_rollback
-def _unpublish(txn) -> None:
-    if path := txn.get("published", None):
-        ArtifactStore.unpublish(Path(path))
+def _show(stage: Stage, manifest: Manifest) -> None:
+    """The stage's table and summary as Prefect artifacts of its task run."""
+    key = stage.name.replace("_", "-")
+    if stage.report and (rows := stage.report(manifest)):
+        create_table_artifact(rows, key=f"{key}-report", description=f"{stage.name}: {stage.description}")
+    if stage.markdown:
+        create_markdown_artifact(stage.markdown(manifest), key=f"{key}-summary",
+                                 description=f"{stage.name}: {stage.description}")
 
 
-class VerificationError(RuntimeError):
-    """A freshly published artifact failed its verification (it was rolled back)."""
-
-
-def verify_published(stage: Stage, manifest: Manifest, workdir: str) -> None:
+def verify_published(stage: Stage, manifest: Manifest, store: ArtifactStore) -> None:
     """Re-read every file's hash of the published artifact from its final place, then run the
-    stage's own check. Raises on any difference (→ the flow rolls the artifact back)."""
-    store = ArtifactStore(Path(workdir))
+    stage's own check. Raises on any difference."""
     found, why = store.check(stage.name, manifest.key, verify=True)
     if found is None or found.content_hash != manifest.content_hash:
-        raise VerificationError(f"the published artifact does not read back as built ({why})")
+        raise RuntimeError(f"the published artifact does not read back as built ({why})")
     if stage.verify is not None:
         stage.verify(found)

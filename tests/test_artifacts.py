@@ -185,4 +185,5 @@ def test_concurrent_builders_of_one_artifact_build_it_once(tmp_path: Path):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: execute(stage, section, plan, {}, store), range(2)))
     assert len(calls) == 1
-    assert results[0].content_hash == results[1].content_hash
+    assert sorted(built for _, built in results) == [False, True]
+    assert results[0][0].content_hash == results[1][0].content_hash

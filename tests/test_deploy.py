@@ -83,7 +83,7 @@ def test_gpu_stages_of_two_runs_take_turns_under_the_gpu_limit(prefect_api, tmp_
     from prefect.exceptions import ObjectNotFound
 
     from settings.models import TrainSettings
-    from tasks.stage import GPU_LIMIT, Stage, cache_key, ensure_gpu_limit, plan_key, stage_task
+    from tasks.stage import GPU_LIMIT, Stage, ensure_gpu_limit, plan_key, stage_task
 
     spans: list[tuple[float, float]] = []
 
@@ -101,7 +101,7 @@ def test_gpu_stages_of_two_runs_take_turns_under_the_gpu_limit(prefect_api, tmp_
     @flow
     def one_run(workdir: str) -> None:
         stage_task(stage=stage, section=section, plan=plan, upstream={}, workdir=workdir,
-                   cache_key=cache_key(plan, {}, tmp_path / workdir), force=True)
+                   force=True)
 
     with get_client(sync_client=True) as client, suppress(ObjectNotFound):
         client.delete_global_concurrency_limit_by_name(GPU_LIMIT)  # another test's, if any

@@ -22,7 +22,7 @@ from tests.conftest import COMMIT, make_hf_cache
 def run_download(tmp_path: Path, **settings) -> "download.Manifest":
     section = DownloadSettings(**settings)
     plan = plan_key(download.STAGE, section, {})
-    return execute(download.STAGE, section, plan, {}, ArtifactStore(tmp_path / "work"))
+    return execute(download.STAGE, section, plan, {}, ArtifactStore(tmp_path / "work"))[0]
 
 
 def test_builtin_is_deterministic_and_loads_with_transformers(tmp_path, tiny_model_dir):
