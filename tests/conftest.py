@@ -32,7 +32,8 @@ def prefect_api():
 
 
 def settled_task_runs(client, flow_run_filter, timeout: float = 60.0) -> list:
-    """The flow runs' task runs once the API has recorded their final states.
+    """The flow runs' task runs once the API has recorded their final states (or `NotReady`:
+    never started because an upstream stage failed).
 
     Prefect 3 reports task-run states as events the server records asynchronously (retrying
     when sqlite is busy), so right after a flow returns a task run can still lack its state,
@@ -45,7 +46,8 @@ def settled_task_runs(client, flow_run_filter, timeout: float = 60.0) -> list:
     while True:
         runs = client.read_task_runs(flow_run_filter=flow_run_filter)
         snapshot = sorted((str(r.id), r.state_name, r.run_count) for r in runs)
-        if snapshot == previous and all(r.state and r.state.is_final() for r in runs):
+        if snapshot == previous and all(r.state and (r.state.is_final() or r.state.name == "NotReady")
+                                        for r in runs):  # NotReady: an upstream failed
             return runs
         if time.monotonic() > deadline:
             raise AssertionError(f"task runs not settled after {timeout:.0f} s: {snapshot}")

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import sft_pipeline
 from settings import load_settings
-from tests.conftest import make_hf_cache, settled_task_runs
+from tests.conftest import ROOT, make_hf_cache, settled_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -30,8 +30,14 @@ def run(workdir: Path, *overrides: str, **selection):
         flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         task_runs = settled_task_runs(client, flow_filter)
         artifacts = client.read_artifacts(flow_run_filter=flow_filter)
-    states = {tr.name: tr.state.name for tr in task_runs}
+    states = {stage_of(tr.name): tr.state.name for tr in task_runs}
     return state, states, {a.key for a in artifacts if a.key}
+
+
+def stage_of(task_run_name: str) -> str:
+    """A stage's task run is named after it once it starts; one that never started (`NotReady`)
+    keeps Prefect's provisional `<stage>-<suffix>`."""
+    return task_run_name if "-" not in task_run_name else task_run_name.rsplit("-", 1)[0]
 
 
 def artifact_dir(workdir: Path, stage: str) -> Path:
@@ -172,8 +178,8 @@ def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_
 def test_a_moved_workdir_is_reused_without_rebuilding(tmp_path):
     built = run(tmp_path / "before")[0].result()
     (tmp_path / "before").rename(tmp_path / "after")
-    state, states, _ = run(tmp_path / "after")  # new cache records, same artifacts
-    assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
+    state, states, _ = run(tmp_path / "after")  # the store finds them where they now are
+    assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
     for name, manifest in state.result().items():
         assert manifest.created_unix == built[name].created_unix  # reused, not rebuilt
         assert manifest.path.startswith(str(tmp_path / "after")) and manifest.dir.is_dir()
@@ -324,12 +330,51 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
                       "tokenize": "Completed"}
 
 
-def test_convert_failing_its_verification_publishes_nothing(tmp_path):
-    run(tmp_path, until="download")
-    state, states, _ = run(tmp_path, "convert.max_abs_diff=1e-30", only=["convert"])
-    assert state.is_failed() and states == {"convert": "Failed"}
-    assert "does not reproduce transformers' logits" in state.message
+def readme_edges() -> set[tuple[str, str]]:
+    """The README's `Edges:` line: `a → b, c; d → e` → {(a, b), (a, c), (d, e)}."""
+    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("Edges:"))
+    edges = set()
+    for part in line.removeprefix("Edges:").strip().rstrip(".").split(";"):
+        source, targets = part.split("→")
+        edges |= {(source.strip(), t.strip()) for t in targets.split(",")}
+    return edges
+
+
+def test_the_flow_runs_the_dag_and_a_failed_branch_stops_only_its_dependants(tmp_path):
+    """The UI's graph of a whole run has exactly the README's edges (none between the
+    dataset/tokenize branch and download/convert); convert failing leaves train, export and
+    evaluate NotReady, while tokenize — which needs no convert — is built and published."""
+    from tasks import STAGES
+
+    state, states, _ = run(tmp_path, "convert.max_abs_diff=1e-30", until=None)
+    assert state.is_failed() and "does not reproduce transformers' logits" in state.message
+    assert state.message.startswith("convert: ") and "\n" not in state.message
+    assert states == {"download": "Completed", "patch_tokenizer": "Completed", "dataset": "Completed",
+                      "tokenize": "Completed", "convert": "Failed", "train": "NotReady",
+                      "export": "NotReady", "evaluate": "NotReady"}
     assert not list((tmp_path / "artifacts" / "convert").glob("[!.]*"))
+    assert list((tmp_path / "artifacts" / "tokenize").glob("*/manifest.json"))
+
+    with get_client(sync_client=True) as client:
+        response = client._client.get(f"/flow_runs/{state.state_details.flow_run_id}/graph-v2")
+    response.raise_for_status()
+    nodes = {node_id: node for node_id, node in response.json()["nodes"]}
+    label = {node_id: stage_of(node["label"]) for node_id, node in nodes.items()}
+    graph = {(label[parent["id"]], label[node_id])
+             for node_id, node in nodes.items() for parent in node["parents"]}
+    declared = {(u, s.name) for s in STAGES for u in s.upstream}
+    assert graph == declared == readme_edges()
+    data_branch, model_branch = {"dataset", "tokenize"}, {"download", "convert"}
+    assert not {(a, b) for a, b in graph if {a, b} & data_branch and {a, b} & model_branch}
+    # Branches overlap in time: tokenize did not wait for convert.
+    times = {label[i]: (node["start_time"], node["end_time"]) for i, node in nodes.items()}
+    assert times["tokenize"][0] < times["convert"][1]
+
+    # The rerun builds only what is missing: the failed branch and its dependants.
+    _, states, _ = run(tmp_path, "convert.max_abs_diff=1",
+                       only=["download", "patch_tokenizer", "convert", "dataset", "tokenize"])
+    assert states == {"download": "Cached", "patch_tokenizer": "Cached", "dataset": "Cached",
+                      "tokenize": "Cached", "convert": "Completed"}
 
 
 def test_convert_rejects_a_layout_the_model_cannot_take(tmp_path):
