@@ -20,6 +20,8 @@ settings_app = typer.Typer(no_args_is_help=True, help="Inspect settings.")
 app.add_typer(settings_app, name="settings")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between HF and Megatron.")
 app.add_typer(convert_app, name="convert")
+kubernetes_app = typer.Typer(no_args_is_help=True, help="The Kubernetes launcher's PyTorchJob.")
+app.add_typer(kubernetes_app, name="kubernetes")
 err = Console(stderr=True)
 
 ConfigArg = Annotated[Optional[str], typer.Argument(
@@ -118,6 +120,32 @@ def settings_show(
         typer.echo(settings_reference())
     else:
         typer.echo(dump_settings(settings), nl=False)
+
+
+@kubernetes_app.command("manifest")
+def kubernetes_manifest(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    workdir: Annotated[Optional[Path], typer.Option(
+        help="The workdir's absolute path in the pods (default: the settings' workdir, "
+        "resolved here).")] = None,
+    key: Annotated[str, typer.Option(
+        help="The train stage's key (names the job).")] = "0123456789abcdef",
+) -> None:
+    """Print the PyTorchJob the train stage would create with launcher kubernetes (no cluster
+    needed)."""
+    from tasks.kubernetes.manifest import manifest_yaml, pytorchjob_manifest
+    from tasks.train import resolve_device
+
+    try:
+        settings = load_settings(config, [*(set_ or []), "train.launcher=kubernetes"])
+        root = (workdir or Path(settings.workdir)).absolute()
+        job_path = root / "scratch" / "train" / key / "job.json"
+        manifest = pytorchjob_manifest(settings.train, job_path, root, f"rsft-{key}",
+                                       resolve_device(settings.train))
+    except UserError as e:
+        fail(str(e))
+    typer.echo(manifest_yaml(manifest), nl=False)
 
 
 def _bridge(args: list[str], layout: tuple[int, int] | None = None) -> str:

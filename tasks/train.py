@@ -20,6 +20,7 @@ from typing import Any
 
 from settings.models import TrainSettings
 from tasks import train_launch
+from tasks.agent_watch import latest_metrics
 from tasks.artifacts import Manifest
 from tasks.stage import BuildContext, Stage
 
@@ -27,11 +28,11 @@ from tasks.stage import BuildContext, Stage
 def resolve_device(settings: TrainSettings) -> str:
     """`auto`: CUDA if this machine has it — or, for a cluster launcher, if the nodes will (the
     worker starting the job may have no GPU; set `device: cpu` for a CPU cluster)."""
-    import torch
-
     if settings.device == "auto":
         if settings.launcher != "local":
             return "cuda"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return settings.device
 
@@ -69,10 +70,8 @@ def _progress(metrics: Path, total: int, log) -> threading.Event:
     def follow() -> None:
         done = -1
         while not stop.wait(2.0):
-            if not metrics.is_file():
-                continue
-            lines = metrics.read_text().splitlines()
-            step = json.loads(lines[-1])["step"] if lines else 0
+            record = latest_metrics(metrics)
+            step = record["step"] if record else 0
             if step != done:
                 done = step
                 try:
@@ -104,9 +103,9 @@ def launch(settings: TrainSettings, job_path: Path, work: Path, device: str, log
     timeout = settings.timeout_minutes * 60
     run_id = f"rsft-{work.name}"
     if settings.launcher == "kubernetes":
-        from tasks.kubernetes_job import run_pytorchjob
+        from tasks.kubernetes.launch import run_pytorchjob
 
-        run_pytorchjob(settings, job_path, work, run_id, timeout, log)
+        run_pytorchjob(settings, job_path, work, run_id, device, timeout, log)
         return
     if settings.launcher == "slurm":
         commands = [train_launch.slurm_command(settings, job_path, run_id)]

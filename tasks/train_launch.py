@@ -7,11 +7,11 @@ allocation or on Kubernetes alike:
 - `local`: all N agents on this machine (N = 1 normally; N > 1 rehearses a multi-node job on
   loopback, which is how the multi-node path is tested without a cluster);
 - `slurm`: `srun --nodes N --ntasks-per-node 1` from inside the allocation the flow runs in;
-- `kubernetes`: a PyTorchJob (`tasks/kubernetes_job.py`).
+- `kubernetes`: a PyTorchJob (`tasks/kubernetes/`).
 
-The agents run in their own process groups (killed whole on timeout or cancellation); node 0's
-output goes to `train.log` and its trainer lines to the Prefect log, other local nodes' output to
-`train.node<i>.log`.
+The agents run in their own process groups (killed whole on timeout or cancellation). Node 0's
+output goes through the watcher all launchers share (`tasks/agent_watch.py`: `train.log`, the
+trainer's lines to the Prefect log, the outcome); other local nodes' output to `train.node<i>.log`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from megatron_bridge.launch import die_with_parent, free_port
 from settings.errors import UserError
 from settings.models import TrainSettings
+from tasks.agent_watch import AgentWatch
 
 SLURM_RDZV_PORT = 29500
 TRAINER = ["-m", "megatron_bridge.training"]
@@ -91,12 +92,9 @@ def slurm_command(settings: TrainSettings, job_path: Path, run_id: str,
 
 
 def run_agents(commands: list[list[str]], log_path: Path, timeout: float, log) -> None:
-    """Run the agents in their own process groups; forward node 0's trainer lines; kill every
-    group on timeout, cancellation or when any agent fails. Raises UserError for the trainer's
-    `error:` lines."""
+    """Run the agents in their own process groups, node 0's output through an `AgentWatch`; kill
+    every group on timeout, cancellation or when any agent fails. Raises as `AgentWatch.result`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    deadline = time.monotonic() + timeout
-    errors: list[str] = []
     procs: list[subprocess.Popen] = []
     side_logs = []
 
@@ -107,8 +105,9 @@ def run_agents(commands: list[list[str]], log_path: Path, timeout: float, log) -
             except ProcessLookupError:
                 pass
 
-    with open(log_path, "a") as log_file:
-        log_file.write("".join(f"$ {shlex.join(c)}\n" for c in commands))
+    with AgentWatch(log_path, timeout, log) as watch:
+        for command in commands:
+            watch.note(f"$ {shlex.join(command)}")
         try:
             procs.append(subprocess.Popen(commands[0], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, env=env,
@@ -119,11 +118,11 @@ def run_agents(commands: list[list[str]], log_path: Path, timeout: float, log) -
                 procs.append(subprocess.Popen(command, stdout=side_logs[-1],
                                               stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True,
-                                          preexec_fn=die_with_parent()))
+                                              preexec_fn=die_with_parent()))
         except BaseException:
             kill_all()
             raise
-        timer = threading.Timer(timeout, kill_all)
+        timer = threading.Timer(watch.remaining(), kill_all)
         timer.start()
         # One agent failing leaves the others waiting at a collective: end them all.
         watchdog = threading.Thread(target=_kill_all_when_one_fails, args=(procs, kill_all),
@@ -131,15 +130,7 @@ def run_agents(commands: list[list[str]], log_path: Path, timeout: float, log) -
         watchdog.start()
         try:
             assert procs[0].stdout is not None
-            for line in procs[0].stdout:
-                log_file.write(line)
-                log_file.flush()
-                text = line.rstrip()
-                # The trainer prints on global rank 0 only: forward its lines and errors.
-                if text.startswith(("step ", "training:")):
-                    log.info("train: %s", text)
-                elif "error: " in text:
-                    errors.append(text.split("error: ", 1)[1])
+            watch.follow(procs[0].stdout)
             for p in procs:
                 p.wait()
         except BaseException:  # cancelled: never leave ranks running
@@ -151,15 +142,8 @@ def run_agents(commands: list[list[str]], log_path: Path, timeout: float, log) -
             timer.cancel()
             for f in side_logs:
                 f.close()
-    returncode = next((p.returncode for p in procs if p.returncode), 0)
-    if time.monotonic() >= deadline and returncode:
-        raise UserError(f"timed out after {timeout / 60:.0f} min (train.timeout_minutes); "
-                        "rerun to resume from the latest checkpoint")
-    if errors:
-        raise UserError(f"{errors[-1]}")
-    if returncode:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"training failed (exit {returncode}); see {log_path}:\n{tail}")
+        returncode = next((p.returncode for p in procs if p.returncode), 0)
+        watch.result(f"exit {returncode}" if returncode else None)
 
 
 def _kill_all_when_one_fails(procs: list[subprocess.Popen], kill_all) -> None:

@@ -24,6 +24,8 @@ from tests.conftest import COMMIT, make_hf_cache, rsft
     (["run", "bad.yaml"], "bad.yaml line 2, column 1: invalid YAML"),
     (["stages", "missing.yaml"], "settings file missing.yaml does not exist"),
     (["settings", "show", "--set", "x"], "--set 'x': expected KEY=VALUE"),
+    (["kubernetes", "manifest", "--set", "train.kubernetes.volume_claim=c"],
+     "train.kubernetes.image is not set"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(tmp_path, cli_env, args, message):
     (tmp_path / "bad.yaml").write_text("train: [1\n")

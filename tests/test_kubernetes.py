@@ -4,13 +4,12 @@ operator's and Kubernetes' own API models, and the watch loop, played against a 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import re
+import shlex
 import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,11 @@ import yaml
 
 from settings.errors import UserError
 from settings.loader import load_settings
-from tasks import kubernetes_job as kj
-from tests.conftest import ROOT
+from tasks.kubernetes import watch
+from tasks.kubernetes.launch import run_pytorchjob
+from tasks.kubernetes.manifest import MAX_NAME, job_name, pytorchjob_manifest
+from tasks.train import resolve_device
+from tests.conftest import ROOT, rsft
 
 KEY = "0123456789abcdef"
 RUN_ID = f"rsft-{KEY}"
@@ -35,6 +37,11 @@ def train_settings(preset: str = "tiny", *overrides: str, image: str = IMAGE,
     if claim:
         sets.append(f"train.kubernetes.volume_claim={claim}")
     return load_settings(preset, sets).train
+
+
+def manifest_of(settings, job_path: Path, workdir: Path) -> dict:
+    """The manifest for the device the train stage resolves."""
+    return pytorchjob_manifest(settings, job_path, workdir, RUN_ID, resolve_device(settings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +188,8 @@ def schema_errors(manifest: dict) -> list[str]:
 
 
 def test_the_validator_catches_each_kind_of_mistake(tmp_path: Path):
-    good = kj.pytorchjob_manifest(train_settings("tiny", "train.nnodes=2"),
-                                  tmp_path / "scratch/train/k/job.json", tmp_path, RUN_ID)
+    good = manifest_of(train_settings("tiny", "train.nnodes=2"),
+                       tmp_path / "scratch/train/k/job.json", tmp_path)
     assert schema_errors(good) == []
 
     def broken(edit) -> list[str]:
@@ -224,7 +231,7 @@ def test_the_validator_catches_each_kind_of_mistake(tmp_path: Path):
 def test_tiny_manifest_one_cpu_pod(tmp_path: Path):
     workdir = tmp_path / "work"
     job_path = workdir / "scratch" / "train" / KEY / "job.json"
-    manifest = kj.pytorchjob_manifest(train_settings(), job_path, workdir, RUN_ID)
+    manifest = manifest_of(train_settings(), job_path, workdir)
     assert schema_errors(manifest) == []
     assert manifest["metadata"]["name"] == RUN_ID
     assert manifest["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "reasoning-sft"
@@ -255,7 +262,7 @@ def test_thinkless_two_nodes(tmp_path: Path):
         "thinkless-warmup-1.5b", "train.nnodes=2", "train.rdzv_port=29400",
         "train.kubernetes.namespace=ml", "train.kubernetes.service_account=trainer",
         "train.kubernetes.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}")
-    manifest = kj.pytorchjob_manifest(settings, job_path, workdir, RUN_ID)
+    manifest = manifest_of(settings, job_path, workdir)
     assert schema_errors(manifest) == []
     assert manifest["metadata"]["namespace"] == "ml"
     specs = manifest["spec"]["pytorchReplicaSpecs"]
@@ -280,38 +287,40 @@ def test_thinkless_two_nodes(tmp_path: Path):
     # Explicit GPUs per pod; fewer GPUs than processes is refused.
     more = train_settings("thinkless-warmup-1.5b", "train.kubernetes.gpus_per_pod=8",
                           "train.nproc_per_node=4", "train.global_batch_size=128")
-    container = kj.pytorchjob_manifest(more, job_path, workdir, RUN_ID)["spec"][
+    container = manifest_of(more, job_path, workdir)["spec"][
         "pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     fewer = train_settings("thinkless-warmup-1.5b", "train.kubernetes.gpus_per_pod=4")
     with pytest.raises(UserError, match="gpus_per_pod"):
-        kj.pytorchjob_manifest(fewer, job_path, workdir, RUN_ID)
+        manifest_of(fewer, job_path, workdir)
 
 
-def test_device_auto_follows_the_job(tmp_path: Path):
+def test_the_gpu_limit_follows_the_device_passed_in(tmp_path: Path):
     job_path = tmp_path / "scratch" / "train" / KEY / "job.json"
     settings = train_settings("tiny", "train.device=auto", "train.nproc_per_node=2")
 
-    def gpu_limit():
-        container = kj.pytorchjob_manifest(settings, job_path, tmp_path, RUN_ID)["spec"][
+    def gpu_limit(device: str):
+        container = pytorchjob_manifest(settings, job_path, tmp_path, RUN_ID, device)["spec"][
             "pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
         return container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
 
-    assert gpu_limit() == "2"  # no job yet: a cluster's pods get GPUs
+    assert resolve_device(settings) == "cuda"  # auto on a cluster: its pods get GPUs
+    # Only the caller's device counts, not whatever a job file on disk says.
     job_path.parent.mkdir(parents=True)
     job_path.write_text(json.dumps({"device": "cpu"}))
-    assert gpu_limit() is None  # the trainer will run on CPU: no GPUs asked for
+    assert gpu_limit("cuda") == "2"
+    assert gpu_limit("cpu") is None  # the trainer will run on CPU: no GPUs asked for
 
 
 def test_job_names_are_dns_labels():
-    assert kj.job_name("rsft-0123456789abcdef") == "rsft-0123456789abcdef"
-    assert kj.job_name("1_Run.ID") == "rsft-1-run-id"
+    assert job_name("rsft-0123456789abcdef") == "rsft-0123456789abcdef"
+    assert job_name("1_Run.ID") == "rsft-1-run-id"
     long_a, long_b = "rsft-" + "a" * 80, "rsft-" + "a" * 79 + "b"
     for run_id in (long_a, long_b, "x" * 200, "--Weird__ID--"):
-        name = kj.job_name(run_id)
-        assert DNS1035_LABEL.match(name) and len(name) <= kj.MAX_NAME, name
+        name = job_name(run_id)
+        assert DNS1035_LABEL.match(name) and len(name) <= MAX_NAME, name
         assert len(f"{name}-worker-1000") <= 63
-    assert kj.job_name(long_a) != kj.job_name(long_b)
+    assert job_name(long_a) != job_name(long_b)
 
 
 @pytest.mark.parametrize("missing,setting", [("image", "train.kubernetes.image"),
@@ -322,26 +331,23 @@ def test_missing_setting_is_one_line_and_nothing_happens(tmp_path: Path, fake_ku
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}", **kwargs)
     work = _work(tmp_path)
     with pytest.raises(UserError) as err:
-        kj.run_pytorchjob(settings, work / "job.json", work, RUN_ID, 60, logging.getLogger("t"))
+        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60,
+                       logging.getLogger("t"))
     message = str(err.value)
     assert message.startswith(setting) and "\n" not in message
     assert sorted(p.name for p in work.iterdir()) == ["job.json"]  # nothing written
     assert fake_kubectl.calls() == []  # nothing asked of the cluster
 
 
-def test_example_manifest_is_current():
-    """deployments/kubernetes/pytorchjob.example.yaml is what its header's command prints."""
+def test_example_manifest_is_current(tmp_path: Path, cli_env):
+    """deployments/kubernetes/pytorchjob.example.yaml is what its header's `rsft kubernetes
+    manifest` command prints."""
     text = EXAMPLE.read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
-    command = next(line for line in header if "python -m tasks.kubernetes_job" in line)
-    import shlex
-
-    argv = shlex.split(command.split("python -m tasks.kubernetes_job", 1)[1])
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert kj.main(argv) == 0
+    command = next(line for line in header if line.startswith("# rsft kubernetes manifest "))
+    printed = rsft(*shlex.split(command)[2:], cwd=tmp_path, env=cli_env, check=True).stdout
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
-    assert body.lstrip("\n") == out.getvalue()
+    assert body.lstrip("\n") == printed
     manifest = yaml.safe_load(body)
     assert schema_errors(manifest) == []
     assert manifest["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
@@ -497,9 +503,9 @@ WORKER_LOG = [["2025-01-01T00:00:01Z", "worker rank 1 up"]]
 def fake_kubectl(tmp_path: Path, monkeypatch) -> FakeKubectl:
     fake = FakeKubectl(tmp_path)
     monkeypatch.setenv("FAKE_KUBE_DIR", str(fake.dir))
-    monkeypatch.setattr(kj, "POLL_SECONDS", 0.02)
-    monkeypatch.setattr(kj, "RECONNECT_SECONDS", 0.02)
-    monkeypatch.setattr(kj, "LOG_DRAIN_SECONDS", 10.0)
+    monkeypatch.setattr(watch, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(watch, "RECONNECT_SECONDS", 0.02)
+    monkeypatch.setattr(watch, "LOG_DRAIN_SECONDS", 10.0)
     return fake
 
 
@@ -539,7 +545,7 @@ def _work(tmp_path: Path, device: str = "cpu") -> Path:
 def _run(fake: FakeKubectl, tmp_path: Path, log, *overrides: str, timeout: float = 60):
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake.path}", *overrides)
     work = _work(tmp_path)
-    kj.run_pytorchjob(settings, work / "job.json", work, RUN_ID, timeout, log)
+    run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", timeout, log)
     return work
 
 
@@ -605,7 +611,8 @@ def test_a_trainer_error_is_a_user_error(tmp_path: Path, fake_kubectl, log):
     fake_kubectl.play(lifecycle=["Created", "Running", "Failed"], message="exit code 2",
                       log=[["2025-01-01T00:00:01Z", ("error: train.device is cuda but no GPU is "
                                                      "visible; set train.device: cpu")]])
-    with pytest.raises(UserError, match=r"^train: train.device is cuda but no GPU is visible"):
+    with pytest.raises(UserError, match=r"^train.device is cuda but no GPU is visible; set "
+                                        r"train.device: cpu$"):
         _run(fake_kubectl, tmp_path, log)
     assert fake_kubectl.verbs()[-1] == "delete"
 
@@ -630,7 +637,7 @@ def test_cancellation_deletes_the_job(tmp_path: Path, fake_kubectl, log, monkeyp
         waits.append(seconds)
         if len(waits) == 4:
             raise KeyboardInterrupt  # what a cancelled run raises in its thread
-    monkeypatch.setattr(kj, "_wait", cancelled)
+    monkeypatch.setattr(watch, "_wait", cancelled)
     with pytest.raises(KeyboardInterrupt):
         _run(fake_kubectl, tmp_path, log)
     assert fake_kubectl.verbs()[-1] == "delete"
@@ -661,13 +668,13 @@ def test_kubectl_missing_or_cluster_unreachable(tmp_path: Path, fake_kubectl, lo
     work = _work(tmp_path)
     with pytest.raises(UserError, match=r"^train.kubernetes.kubectl: 'no-such-kubectl-here' not "
                                         r"found") as err:
-        kj.run_pytorchjob(settings, work / "job.json", work, RUN_ID, 60, log)
+        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60, log)
     assert "\n" not in str(err.value) and not (work / "pytorchjob.yaml").exists()
 
     fake_kubectl.play(unreachable=True)
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}")
     with pytest.raises(UserError, match="cannot reach the cluster") as err:
-        kj.run_pytorchjob(settings, work / "job.json", work, RUN_ID, 60, log)
+        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60, log)
     assert "\n" not in str(err.value) and "localhost:8080 was refused" in str(err.value)
     assert [c[0] for c in fake_kubectl.calls()] == ["get"]  # nothing created
 
@@ -679,15 +686,15 @@ def test_job_paths_outside_the_workdir_are_refused(tmp_path: Path, fake_kubectl,
     (work / "job.json").write_text(json.dumps(job))
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}")
     with pytest.raises(UserError, match="data /elsewhere/tokenize is outside the workdir"):
-        kj.run_pytorchjob(settings, work / "job.json", work, RUN_ID, 60, log)
+        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60, log)
     assert fake_kubectl.calls() == []
 
 
 def test_parse_timestamp():
-    assert kj.parse_timestamp("2025-01-01T00:00:01Z") == 1735689601 * 10**9
-    assert kj.parse_timestamp("2025-01-01T00:00:01.5Z") == 1735689601 * 10**9 + 5 * 10**8
-    assert kj.parse_timestamp("2025-01-01T01:00:01.000000001+01:00") == 1735689601 * 10**9 + 1
-    assert kj.parse_timestamp("step") is None
+    assert watch.parse_timestamp("2025-01-01T00:00:01Z") == 1735689601 * 10**9
+    assert watch.parse_timestamp("2025-01-01T00:00:01.5Z") == 1735689601 * 10**9 + 5 * 10**8
+    assert watch.parse_timestamp("2025-01-01T01:00:01.000000001+01:00") == 1735689601 * 10**9 + 1
+    assert watch.parse_timestamp("step") is None
 
 
 def test_the_train_stage_launches_through_here(tmp_path: Path, fake_kubectl, log):
