@@ -101,11 +101,14 @@ def verify(hf: Path, mcore: Path, logs: Path) -> dict:
 
 def train(ckpt: Path, data: Path, save: Path, device: str, logs: Path, **job) -> list[dict]:
     from megatron_bridge.training.job import TrainJob
+    from settings.models import TrainSettings
 
-    spec = TrainJob(checkpoint=str(ckpt), data=str(data), save=str(save), device=device,
-                    **{"global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-5, "min_lr": 1e-6,
-                       "lr_warmup_iters": 1, "weight_decay": 0.1, "seed": 1234, **job,
-                       "save_interval": job["train_iters"]})  # one save, at the end
+    settings = TrainSettings(**{"device": device, "global_batch_size": 2, "micro_batch_size": 1,
+                                "lr": 1e-5, "min_lr": 1e-6, "lr_warmup_iters": 1,
+                                "weight_decay": 0.1, "seed": 1234, **job,
+                                "save_interval": job["train_iters"]})  # one save, at the end
+    spec = TrainJob(train=settings, checkpoint=str(ckpt), data=str(data), save=str(save),
+                    device=device)
     path = save.with_suffix(".json")
     spec.write(path)
     proc = subprocess.run([sys.executable, "-m", "megatron_bridge.training", str(path)],

@@ -32,7 +32,8 @@ import numpy as np
 
 from megatron_bridge.data.chat import ChatMasker
 from megatron_bridge.data.packing import best_fit_decreasing
-from megatron_bridge.data.pipeline import CHUNK, Options, tokenize_split
+from megatron_bridge.data.pipeline import CHUNK, tokenize_split
+from settings.models import TokenizeSettings
 
 # Anything heavier is imported inside functions: the pipeline's spawned workers re-import this
 # script (as __mp_main__), and its imports would be counted as the pipeline's start-up.
@@ -121,11 +122,11 @@ def main() -> None:
                  {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n\n2"}]
         write_parquet(tmp_path / "tiny.parquet", [probe] * (4 * CHUNK * cores))
         write_parquet(tmp_path / "traces.parquet", conversations)
-        options = Options(seq_length=args.seq, workers=0)
+        settings = TokenizeSettings(seq_length=args.seq, workers=0)
         startup, _ = timed(args.repeats, lambda: tokenize_split(
-            tmp_path / "tiny.parquet", tokenizer, tmp_path / "tiny", options))
+            tmp_path / "tiny.parquet", tokenizer, tmp_path / "tiny", settings))
         wall, stats = timed(args.repeats, lambda: tokenize_split(
-            tmp_path / "traces.parquet", tokenizer, tmp_path / "sft", options))
+            tmp_path / "traces.parquet", tokenizer, tmp_path / "sft", settings))
 
         hf = AutoTokenizer.from_pretrained(str(tokenizer))
         seed_tokens, start = 0, time.perf_counter()

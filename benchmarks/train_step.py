@@ -77,12 +77,13 @@ def write_rows(prefix: Path, rows: int, seq: int, samples: int, vocab: int, seed
 class Bare:
     """The hand-written megatron-core loop: forward, masked per-token CE, backward, clip, AdamW."""
 
-    def __init__(self, model, job, vocab_size: int):
-        self.model, self.vocab_size, self.clip = model, vocab_size, job.clip_grad
+    def __init__(self, model, settings, vocab_size: int):
+        self.model, self.vocab_size, self.clip = model, vocab_size, settings.clip_grad
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=job.lr,
-                                           betas=(job.adam_beta1, job.adam_beta2),
-                                           eps=job.adam_eps, weight_decay=job.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr,
+                                           betas=(settings.adam_beta1, settings.adam_beta2),
+                                           eps=settings.adam_eps,
+                                           weight_decay=settings.weight_decay)
 
     def step(self, micro_batches, lr: float) -> float:
         from megatron_bridge.training.step import per_token_loss
@@ -138,20 +139,21 @@ def main() -> None:
     from megatron_bridge.data.indexed import SFTDataset
     from megatron_bridge.parallel import model_parallel
     from megatron_bridge.training.batches import Batches
-    from megatron_bridge.training.job import TrainJob
     from megatron_bridge.training.step import Stepper
+    from settings.models import TrainSettings
 
     hf = hf_config(args.layers, args.hidden)
     vocab = hf["vocab_size"]
-    job = TrainJob(checkpoint="", data="", save="", train_iters=args.warmup + args.steps,
-                   global_batch_size=args.micro, micro_batch_size=1)
+    settings = TrainSettings(train_iters=args.warmup + args.steps, global_batch_size=args.micro,
+                             micro_batch_size=1)
     total_steps = args.warmup + args.steps
     CpuStepper = before_stepper(args.before)
-    with tempfile.TemporaryDirectory(prefix="rsft-step-bench-") as tmp, model_parallel(1, 1, job.seed):
+    with tempfile.TemporaryDirectory(prefix="rsft-step-bench-") as tmp, \
+            model_parallel(1, 1, settings.seed):
         prefix = Path(tmp) / "train"
-        write_rows(prefix, total_steps * args.micro, args.seq, args.samples, vocab, job.seed)
-        batches = Batches(SFTDataset(prefix), args.seq, job.global_batch_size,
-                          job.micro_batch_size, 0, 1, job.seed)
+        write_rows(prefix, total_steps * args.micro, args.seq, args.samples, vocab, settings.seed)
+        batches = Batches(SFTDataset(prefix), args.seq, settings.global_batch_size,
+                          settings.micro_batch_size, 0, 1, settings.seed)
 
         models = {name: build_model(hf, 1, 1, torch.float32, initialize=True,
                                     calculate_per_token_loss=True)
@@ -159,13 +161,13 @@ def main() -> None:
         for model in models.values():
             model.load_state_dict(models["ours"].state_dict())
         params = sum(p.numel() for p in models["ours"].parameters())
-        steppers = {"ours": Stepper(models["ours"], job, vocab, packed=False),
-                    "bare": Bare(models["bare"], job, vocab)}
+        steppers = {"ours": Stepper(models["ours"], settings, vocab, packed=False),
+                    "bare": Bare(models["bare"], settings, vocab)}
         if CpuStepper:
-            steppers["before"] = CpuStepper(models["before"], job, vocab)
+            steppers["before"] = CpuStepper(models["before"], settings, vocab)
 
         def loss(name, micro) -> float:
-            result = steppers[name].step(micro, job.lr)
+            result = steppers[name].step(micro, settings.lr)
             return result if name == "bare" else result["loss"]
 
         step_batches = [batches.step(s) for s in range(total_steps)]

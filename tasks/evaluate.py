@@ -21,25 +21,15 @@ from tasks.artifacts import Manifest, compute_key
 from tasks.stage import BuildContext, Stage, key_settings
 
 
-def make_job(settings: EvaluateSettings, model: Path, out: Path):
-    from tasks.evaluation.runner import EvalJob, resolve_backend
-
-    return EvalJob(model=str(model), output_dir=str(out),
-                   tasks={t.name: t.samples for t in settings.tasks},
-                   backend=resolve_backend(settings.backend), max_new_tokens=settings.max_new_tokens,
-                   temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                   batch_size=settings.batch_size, max_problems=settings.max_problems,
-                   vllm=settings.vllm)
-
-
 def evaluate_model(settings: EvaluateSettings, model: Path, out: Path) -> dict[str, Any]:
     """Run lighteval on an HF folder into `out` (created); returns results.json's content.
     Raises UserError for a bad folder, task or backend."""
     from megatron_bridge.launch import run_command
-    from tasks.evaluation.runner import check_model_folder, check_tasks
+    from tasks.evaluation.runner import EvalJob, check_model_folder, check_tasks, resolve_backend
 
     model, out = Path(model).resolve(), Path(out).resolve()
-    job = make_job(settings, model, out)
+    job = EvalJob(evaluate=settings, model=str(model), output_dir=str(out),
+                  backend=resolve_backend(settings.backend))
     check_model_folder(model)
     check_tasks(job.tasks)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,22 +23,12 @@ from tasks.stage import BuildContext, Stage
 SPLITS = ("train", "test")
 
 
-def options(settings: TokenizeSettings):
-    from megatron_bridge.data.pipeline import Options
-
-    return Options(seq_length=settings.seq_length, pack=settings.pack, overlong=settings.overlong,
-                   assistant_turns=settings.assistant_turns,
-                   supervise_control_token=settings.supervise_control_token,
-                   control_tokens=tuple(settings.control_tokens), workers=settings.workers)
-
-
 def tokenize_dataset(settings: TokenizeSettings, splits: dict[str, Path], tokenizer_dir: Path,
                      out: Path, log) -> dict[str, Any]:
     """Tokenize each split's Parquet into `out`; returns the statistics (also in stats.json)."""
     from megatron_bridge.data.pipeline import count_rows, make_masker, tokenize_split
 
-    opts = options(settings)
-    masker = make_masker(tokenizer_dir, opts)
+    masker = make_masker(tokenizer_dir, settings)
     masker.check()  # before reading any data
     stats: dict[str, Any] = {"seq_length": settings.seq_length, "pack": settings.pack,
                              "tokenizer": masker.describe(), "splits": {}}
@@ -48,7 +38,8 @@ def tokenize_dataset(settings: TokenizeSettings, splits: dict[str, Path], tokeni
             continue
         with tqdm(total=total, desc=f"tokenizing {split}", unit="sample", leave=False,
                   disable=total < 1000) as bar:
-            result = tokenize_split(parquet, tokenizer_dir, out / split, opts, bar.update, masker)
+            result = tokenize_split(parquet, tokenizer_dir, out / split, settings, bar.update,
+                                    masker)
         log.info("tokenize: %s: %d of %d samples in %d rows, %.1f%% packed, %d dropped, "
                  "%d truncated", split, result["samples_out"], result["samples_in"],
                  result["rows"], 100 * result["packing_efficiency"],

@@ -37,25 +37,6 @@ def resolve_device(settings: TrainSettings) -> str:
     return settings.device
 
 
-def make_job(settings: TrainSettings, checkpoint: Path, data: Path, save: Path):
-    from megatron_bridge.training.job import TrainJob
-
-    return TrainJob(
-        checkpoint=str(checkpoint), data=str(data), save=str(save),
-        train_iters=settings.train_iters, global_batch_size=settings.global_batch_size,
-        micro_batch_size=settings.micro_batch_size, tensor_parallel=settings.tensor_parallel,
-        pipeline_parallel=settings.pipeline_parallel, lr=settings.lr, min_lr=settings.min_lr,
-        lr_warmup_iters=settings.lr_warmup_iters, lr_decay_style=settings.lr_decay_style,
-        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
-        weight_decay=settings.weight_decay, clip_grad=settings.clip_grad,
-        precision=settings.precision, loss_scale=settings.loss_scale,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
-        device=resolve_device(settings), seed=settings.seed, save_interval=settings.save_interval,
-        keep_last=settings.keep_last, log_interval=settings.log_interval,
-        recompute=settings.recompute, attention_dropout=settings.attention_dropout,
-        hidden_dropout=settings.hidden_dropout)
-
-
 def _progress(metrics: Path, total: int, log) -> threading.Event:
     """Follow metrics.jsonl into a Prefect progress artifact (when in a Prefect run)."""
     stop = threading.Event()
@@ -117,14 +98,16 @@ def launch(settings: TrainSettings, job_path: Path, work: Path, device: str, log
 
 def build(ctx: BuildContext) -> None:
     from megatron_bridge import checkpoint
+    from megatron_bridge.training.job import TrainJob
 
     settings: TrainSettings = ctx.settings
     assert ctx.scratch is not None
     work = ctx.scratch
     work.mkdir(parents=True, exist_ok=True)
     save = work / "checkpoints"
-    job = make_job(settings, ctx.upstream["convert"].dir, ctx.upstream["tokenize"].dir, save)
-    job.metrics = str(work / "metrics.jsonl")
+    job = TrainJob(train=settings, checkpoint=str(ctx.upstream["convert"].dir),
+                   data=str(ctx.upstream["tokenize"].dir), save=str(save),
+                   device=resolve_device(settings), metrics=str(work / "metrics.jsonl"))
     job_path = work / "job.json"
     job.write(job_path)
     resumed = (save / checkpoint.TRACKER).is_file()

@@ -16,7 +16,7 @@ import pytest
 from megatron_bridge.data.chat import ChatMasker, TemplateError
 from megatron_bridge.data.indexed import SFTDataset
 from megatron_bridge.data.packing import best_fit_decreasing
-from megatron_bridge.data.pipeline import Options, tokenize_split
+from megatron_bridge.data.pipeline import tokenize_split
 from settings.errors import UserError
 from settings.models import DatasetSettings, DatasetSource, PatchTokenizerSettings, TokenizeSettings
 from tasks import dataset
@@ -201,8 +201,8 @@ def test_packed_rows_keep_boundaries_and_read_back_with_indexed_dataset(
         patched_tokenizer, traces_parquet, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    options = Options(seq_length=4096, workers=1)
-    stats = tokenize_split(traces_parquet, patched_tokenizer, tmp_path / "train", options)
+    settings = TokenizeSettings(seq_length=4096, workers=1)
+    stats = tokenize_split(traces_parquet, patched_tokenizer, tmp_path / "train", settings)
     ds = SFTDataset(tmp_path / "train")
     raw = IndexedDataset(str(tmp_path / "train-tokens"))
     assert len(raw.sequence_lengths) == stats["samples_out"] == 505
@@ -229,14 +229,14 @@ def test_output_bytes_do_not_depend_on_the_worker_count(patched_tokenizer, trace
                                                         tmp_path):
     for workers in (1, 2):
         tokenize_split(traces_parquet, patched_tokenizer, tmp_path / f"w{workers}",
-                       Options(seq_length=2048, workers=workers))
+                       TokenizeSettings(seq_length=2048, workers=workers))
     for suffix in ("-tokens.bin", "-tokens.idx", "-mask.bin", "-mask.idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
 
 
 def test_unpacked_layout_is_one_sample_per_row(patched_tokenizer, traces_parquet, tmp_path):
     stats = tokenize_split(traces_parquet, patched_tokenizer, tmp_path / "t",
-                           Options(seq_length=4096, pack=False, workers=1))
+                           TokenizeSettings(seq_length=4096, pack=False, workers=1))
     assert stats["rows"] == stats["samples_out"] == len(SFTDataset(tmp_path / "t"))
     assert stats["packing_efficiency"] < 0.5  # the seed's padded layout wastes most of each row
 
@@ -258,16 +258,17 @@ def test_overlong_policies(patched_tokenizer, tmp_path):
     long_answer = "<think>\n" + "word " * 300 + "\n</think>\n\nDone."
     data = small_parquet(tmp_path, [chat("short?", "<think>\nok\n</think>\n\nyes"),
                                     chat("long?", long_answer)])
-    dropped = tokenize_split(data, patched_tokenizer, tmp_path / "d", Options(64, workers=1))
+    dropped = tokenize_split(data, patched_tokenizer, tmp_path / "d",
+                             TokenizeSettings(seq_length=64, workers=1))
     assert dropped["dropped"] == {"overlong": 1} and dropped["samples_out"] == 1
     cut = tokenize_split(data, patched_tokenizer, tmp_path / "t",
-                         Options(64, overlong="truncate", workers=1))
+                         TokenizeSettings(seq_length=64, overlong="truncate", workers=1))
     assert cut["truncated"] == 1 and cut["samples_out"] == 2 and cut["length"]["max"] == 64
     from settings.errors import UserError
 
     with pytest.raises(UserError, match="t record 1: .* tokens is longer than tokenize.seq_length=64"):
-        tokenize_split(data, patched_tokenizer, tmp_path / "e", Options(64, overlong="error",
-                                                                        workers=1))
+        tokenize_split(data, patched_tokenizer, tmp_path / "e",
+                       TokenizeSettings(seq_length=64, overlong="error", workers=1))
 
 
 def test_multi_turn_and_control_token_settings(patched_tokenizer):

@@ -40,12 +40,13 @@ def answer_model(name: str, answer, cache: Path):
 
 
 def _run(tmp_path: Path, name: str, answer) -> dict:
+    from settings.models import EvalTask, EvaluateSettings
     from tasks.evaluation.runner import EvalJob, run
 
     out = tmp_path / name
     out.mkdir()
-    job = EvalJob(model=name, output_dir=str(out), tasks={"math_500_local": 1},
-                  max_problems=PROBLEMS)
+    settings = EvaluateSettings(tasks=[EvalTask(name="math_500_local")], max_problems=PROBLEMS)
+    job = EvalJob(evaluate=settings, model=name, output_dir=str(out), backend="transformers")
     return run(job, model=answer_model(name, answer, tmp_path / f"cache-{name}"))
 
 
@@ -168,12 +169,13 @@ def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folde
 
 def test_vllm_settings_reach_lightevals_vllm_config(tmp_path):
     """The GPU path's configuration, built without a GPU (vLLM itself is imported only to run)."""
-    from settings.models import VllmSettings
+    from settings.models import EvalTask, EvaluateSettings, VllmSettings
     from tasks.evaluation.runner import EvalJob, model_config
 
-    job = EvalJob(model="m", output_dir=str(tmp_path), tasks={"aime24": 64}, backend="vllm",
-                  max_new_tokens=32768, vllm=VllmSettings(max_model_length=32768, data_parallel=8,
-                                                          gpu_memory_utilization=0.85))
+    settings = EvaluateSettings(
+        tasks=[EvalTask(name="aime24", samples=64)], max_new_tokens=32768,
+        vllm=VllmSettings(max_model_length=32768, data_parallel=8, gpu_memory_utilization=0.85))
+    job = EvalJob(evaluate=settings, model="m", output_dir=str(tmp_path), backend="vllm")
     config = model_config(job, tmp_path / "cache")
     assert type(config).__name__ == "VLLMModelConfig"
     assert (config.dtype, config.max_model_length, config.data_parallel_size,
@@ -181,3 +183,18 @@ def test_vllm_settings_reach_lightevals_vllm_config(tmp_path):
         "bfloat16", 32768, 8, 0.85, False)
     g = config.generation_parameters
     assert (g.temperature, g.top_p, g.max_new_tokens) == (0.6, 0.95, 32768)
+
+
+def test_the_eval_job_carries_the_evaluate_settings_whole(tmp_path):
+    from pydantic import ValidationError
+
+    from tasks.evaluation.runner import EvalJob
+
+    assert set(EvalJob.model_fields) & set(EvaluateSettings.model_fields) == {"backend"}
+    job = EvalJob(evaluate=EvaluateSettings(), model="m", output_dir="o", backend="transformers")
+    read = EvalJob.model_validate_json(job.model_dump_json())
+    assert read == job and read.evaluate.max_problems == 4  # the settings' default
+    assert read.tasks == {"math_500_local": 2, "aime24_local": 2}
+    with pytest.raises(ValidationError, match="backend transformers contradicts evaluate.backend vllm"):
+        EvalJob(evaluate=EvaluateSettings(backend="vllm"), model="m", output_dir="o",
+                backend="transformers")

@@ -31,7 +31,7 @@ def test_two_agents_as_two_nodes_train_like_one_process(converted, data, tmp_pat
     reference = job(converted, data, tmp_path / "one")
     run(reference)
     one = metrics(reference)
-    two = job(converted, data, tmp_path / "two")
+    two = job(converted, data, tmp_path / "two", nnodes=2)
     two.write(tmp_path / "two.json")
     commands = train_launch.local_commands(two_nodes(), tmp_path / "two.json", "rsft-test")
     assert len(commands) == 2 and all("--nnodes" in c and "c10d" in c for c in commands)
@@ -47,7 +47,7 @@ def test_two_agents_as_two_nodes_train_like_one_process(converted, data, tmp_pat
 
 
 def test_one_failing_agent_ends_the_whole_job(converted, data, tmp_path):  # noqa: F811
-    j = job(converted, data, tmp_path / "save")
+    j = job(converted, data, tmp_path / "save", nnodes=2)
     j.write(tmp_path / "job.json")
     node0, _ = train_launch.local_commands(two_nodes(), tmp_path / "job.json", "rsft-fail")
     dead = [sys.executable, "-c", "import sys; print('node 1 lost'); sys.exit(3)"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
+from typing import get_args
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron_bridge import compat
 from megatron_bridge.training.job import TrainJob
 from settings.errors import UserError
-from settings.models import DatasetSource, HybridSettings, TokenizeSettings
+from settings.models import DatasetSource, HybridSettings, TokenizeSettings, TrainSettings
 from tests.conftest import ROOT
 from tests.test_data import LOG, TRACE_FIELDS, TRACES, build_dataset
 
@@ -56,11 +56,14 @@ def data(patched_tokenizer, tmp_path_factory) -> Path:
                      TokenizeSettings(seq_length=SEQ, overlong="truncate", pack=False, workers=1))
 
 
-def job(converted: Path, data: Path, save: Path, **kw) -> TrainJob:
-    base = dict(checkpoint=str(converted), data=str(data), save=str(save), train_iters=4,
-                global_batch_size=4, micro_batch_size=1, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1,
-                save_interval=2, weight_decay=0.0, seed=7)
-    return TrainJob(**{**base, **kw})
+def job(converted: Path, data: Path, save: Path, metrics: str = "", **settings) -> TrainJob:
+    """A 4-step CPU job; `settings` are the train section's (`device` included: the job's is
+    the same)."""
+    base = dict(device="cpu", train_iters=4, global_batch_size=4, micro_batch_size=1, lr=1e-3,
+                min_lr=1e-4, lr_warmup_iters=1, save_interval=2, weight_decay=0.0, seed=7)
+    train = TrainSettings(**{**base, **settings})
+    return TrainJob(train=train, checkpoint=str(converted), data=str(data), save=str(save),
+                    device=train.device, metrics=metrics)
 
 
 def metrics(j: TrainJob) -> list[dict]:
@@ -236,6 +239,7 @@ def test_steps_match_a_plain_transformers_and_torch_adamw_loop(tiny_model_dir, c
             save_interval=3)
     run(j)
     ours = metrics(j)
+    t = j.train
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith(".bias")]
@@ -243,17 +247,17 @@ def test_steps_match_a_plain_transformers_and_torch_adamw_loop(tiny_model_dir, c
     assert len(rest) == 2 * (2 + 3) + 1  # per layer: 2 norms, q/k/v biases; the final norm
     adam = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                               {"params": rest, "weight_decay": 0.0}],
-                             betas=(j.adam_beta1, j.adam_beta2), eps=j.adam_eps)
-    batches = Batches(SFTDataset(data / "train"), SEQ, j.global_batch_size, 1, 0, 1, j.seed)
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    batches = Batches(SFTDataset(data / "train"), SEQ, t.global_batch_size, 1, 0, 1, t.seed)
     for step, record in enumerate(ours):
         mbs = batches.step(step)
         adam.zero_grad()
         loss = plain_loss([model(mb.tokens).logits for mb in mbs], mbs)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), j.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
         for group in adam.param_groups:
-            group["lr"] = learning_rate(step, lr=j.lr, min_lr=j.min_lr, warmup=j.lr_warmup_iters,
-                                        total=j.train_iters)
+            group["lr"] = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
+                                        total=t.train_iters)
         adam.step()
         assert record["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert record["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
@@ -269,8 +273,11 @@ def test_master_weights_are_the_loaded_checkpoint(converted, data, tmp_path, dis
     into the model, which must then still be exactly the converted checkpoint."""
     from megatron_bridge.training.trainer import run
 
-    j = job(converted, data, tmp_path / "save", train_iters=1, global_batch_size=1, lr=0.0,
-            min_lr=0.0, lr_warmup_iters=0, precision="bf16", use_distributed_optimizer=distributed)
+    j = job(converted, data, tmp_path / "save", train_iters=1, global_batch_size=1,
+            lr_warmup_iters=0, precision="bf16", use_distributed_optimizer=distributed)
+    # The settings refuse a learning rate of 0 (no training); here it is the point: set it past
+    # their validation.
+    j = j.model_copy(update={"train": j.train.model_copy(update={"lr": 0.0, "min_lr": 0.0})})
     run(j)
     before = exported(converted, tmp_path / "before")
     after = exported(Path(j.save), tmp_path / "after")
@@ -361,33 +368,25 @@ def _edit_json(path: Path, **changes) -> None:
 @pytest.mark.parametrize("case, message", [
     ("missing", "is not a Megatron checkpoint"),
     ("tokenizer", "the data was tokenized with a tokenizer whose EOS is 1"),
-    ("batch", "global_batch_size=3 is not divisible by micro_batch_size × data-parallel size = 2 × 1"),
     ("gpu", "train.device is cuda but no GPU is visible"),
     ("seq", "the data's seq_length 256 is above the model's max_position_embeddings 128"),
-    ("layout", "1 processes cannot hold TP×PP = 2"),
-    ("fp16", "train.loss_scale=1.0: fp16 gradients underflow without loss scaling"),
+    ("world", "2 processes were launched for a job of train.nproc_per_node × nnodes = 1 × 1"),
 ])
-def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, case, message):
-    from settings.errors import UserError
+def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, monkeypatch,
+                                                      case, message):
     from megatron_bridge.training.trainer import run
 
     ckpt, tok = tmp_path / "ckpt", tmp_path / "tok"
     shutil.copytree(converted, ckpt)
     shutil.copytree(data, tok)
-    j = job(ckpt, tok, tmp_path / "save")
+    j = job(ckpt, tok, tmp_path / "save", device="cuda" if case == "gpu" else "cpu")
     if case == "missing":
         (ckpt / "latest_checkpointed_iteration.txt").unlink()
     elif case == "tokenizer":
         _edit_json(tok / "stats.json", **{"tokenizer.eos_id": 1})
-    elif case == "batch":
-        j = replace(j, global_batch_size=3, micro_batch_size=2)
-    elif case == "gpu":
-        j = replace(j, device="cuda")
-    elif case == "layout":
-        j = replace(j, pipeline_parallel=2, use_distributed_optimizer=True)
-    elif case == "fp16":
-        j = replace(j, precision="fp16", loss_scale=1.0)
-    else:
+    elif case == "world":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    elif case == "seq":
         _edit_json(ckpt / "rsft_checkpoint.json", **{"hf_config.max_position_embeddings": 128})
     if case == "tokenizer":  # once through the real entry point: exit 2, one `error:` line
         import subprocess
@@ -400,10 +399,58 @@ def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, 
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     else:
-        with pytest.raises((UserError, UserError)) as e:
+        with pytest.raises(UserError) as e:
             run(j)
         assert message in str(e.value) and "\n" not in str(e.value)
     assert not j.metrics_path.exists()  # no step ran
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train.global_batch_size": 3, "train.micro_batch_size": 2},
+     "global_batch_size (3) must be a multiple of micro_batch_size × data-parallel size (2 × 1)"),
+    ({"train.pipeline_parallel": 2}, "cannot hold tensor_parallel × pipeline_parallel = 2"),
+    ({"train.precision": "fp16", "train.loss_scale": 1.0},
+     "train.loss_scale = 1.0: Input should be greater than 1"),
+    ({"train.lr": "fast"}, "train.lr = 'fast'"),
+    ({"train.learning_rate": 1e-3}, "train.learning_rate = 0.001: unknown setting"),
+    ({"lr": 1e-3}, "lr = 0.001: unknown setting"),
+    ({"device": "cuda"}, "device cuda contradicts train.device cpu"),
+    ({"device": "auto"}, "device = 'auto': Input should be 'cpu' or 'cuda'"),
+], ids=["batch", "layout", "fp16", "type", "unknown-setting", "unknown-field", "device",
+        "unresolved"])
+def test_a_job_file_with_a_bad_setting_is_refused_in_one_line(tmp_path, changes, message):
+    path = tmp_path / "job.json"
+    job("ckpt", "tok", tmp_path / "save").write(path)
+    assert TrainJob.read(path).train.global_batch_size == 4
+    _edit_json(path, **changes)
+    with pytest.raises(UserError) as e:
+        TrainJob.read(path)
+    assert str(e.value).startswith(str(path)) and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_job_file_is_one_line(tmp_path):
+    (tmp_path / "job.json").write_text("{not json")
+    for path in (tmp_path / "job.json", tmp_path / "none.json"):
+        with pytest.raises(UserError) as e:
+            TrainJob.read(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_job_carries_the_train_settings_whole_with_their_defaults(tmp_path):
+    from megatron_bridge.training.trainer import should_save
+
+    # Nothing of the settings is copied next to them: the one shared name is the device
+    # `auto` resolved to, which the settings cannot know.
+    assert set(TrainJob.model_fields) & set(TrainSettings.model_fields) == {"device"}
+    assert "auto" not in get_args(TrainJob.model_fields["device"].annotation)
+    written = TrainJob(train=TrainSettings(), checkpoint="c", data="d", save="s", device="cpu")
+    written.write(tmp_path / "job.json")
+    read = TrainJob.read(tmp_path / "job.json")
+    assert read == written
+    assert json.loads((tmp_path / "job.json").read_text())["device"] == "cpu"  # launchers read it
+    assert read.train.save_interval == TrainSettings.model_fields["save_interval"].default == 20
+    assert [d for d in range(1, 41) if should_save(d, read.train)] == [20, 40]
 
 
 def test_pipeline_stages_must_divide_the_layers(converted, data):
@@ -411,6 +458,7 @@ def test_pipeline_stages_must_divide_the_layers(converted, data):
     stats = json.loads((data / "stats.json").read_text())
     with pytest.raises(UserError, match=r"train.pipeline_parallel=3 must divide the 2 layers; "
                                        r"use one of \[1, 2\]"):
-        job(converted, data, Path("x"), pipeline_parallel=3).check(3, meta, stats)
-    job(converted, data, Path("x"), pipeline_parallel=2,
+        job(converted, data, Path("x"), pipeline_parallel=3, nproc_per_node=3,
+            global_batch_size=3).check(3, meta, stats)
+    job(converted, data, Path("x"), pipeline_parallel=2, nproc_per_node=4,
         use_distributed_optimizer=True).check(4, meta, stats)  # PP and dist-opt: fine on CPU

@@ -18,13 +18,16 @@ import torch
 
 from megatron_bridge import compat
 from megatron_bridge.training.job import TrainJob
+from settings.models import TrainSettings
 from tests.conftest import ROOT
 from tests.test_training import converted, data, exported, job, metrics  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-def launch(j: TrainJob, nproc: int) -> subprocess.Popen:
+def launch(j: TrainJob) -> subprocess.Popen:
+    """The job's `train.nproc_per_node` processes under torchrun (one: a plain process)."""
+    nproc = j.train.nproc_per_node
     path = Path(j.save).with_suffix(".json")
     j.write(path)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -35,12 +38,12 @@ def launch(j: TrainJob, nproc: int) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def train(j: TrainJob, nproc: int) -> list[dict]:
-    proc = launch(j, nproc)
+def train(j: TrainJob) -> list[dict]:
+    proc = launch(j)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     path = Path(j.save).with_suffix(".json")
-    for rank in range(nproc):
+    for rank in range(j.train.nproc_per_node):
         sites = json.loads(Path(f"{path}.shims.rank{rank}.json").read_text())
         assert set(sites) <= set(compat.KNOWN_CALL_SITES), sites
     return metrics(j)
@@ -94,9 +97,10 @@ LAYOUTS = {
 def test_two_processes_match_one(one_process, tmp_path, layout):
     model, changes = LAYOUTS[layout]
     reference, expected = one_process[model]
-    two = TrainJob(**{**reference.__dict__, "save": str(tmp_path / "two"), "metrics": "",
-                      **changes})
-    got = train(two, 2)
+    two = reference.model_copy(update={
+        "save": str(tmp_path / "two"), "metrics": "",
+        "train": TrainSettings(**{**reference.train.model_dump(), "nproc_per_node": 2, **changes})})
+    got = train(two)
     assert len(got) == len(expected) == 4
     for a, b in zip(expected, got):
         # The global batch's tokens, counted once whatever the layout.
@@ -116,10 +120,10 @@ def test_two_processes_match_one(one_process, tmp_path, layout):
 def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path,  # noqa: F811
                                                       nproc, distributed):
     base = dict(train_iters=6, save_interval=2, keep_last=1, attention_dropout=0.1,
-                use_distributed_optimizer=distributed)
-    train(job(converted, data, tmp_path / "straight", **base), nproc)
+                use_distributed_optimizer=distributed, nproc_per_node=nproc)
+    train(job(converted, data, tmp_path / "straight", **base))
     killed = job(converted, data, tmp_path / "killed", **base)
-    proc = launch(killed, nproc)
+    proc = launch(killed)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once step 3 is logged (a checkpoint at 2 exists)
         if killed.metrics_path.is_file() and len(killed.metrics_path.read_text().splitlines()) >= 3:
@@ -132,7 +136,7 @@ def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path,
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not [r for r in alive if _alive(r)], "a rank outlived its torchrun agent"
     assert (tmp_path / "killed" / "latest_checkpointed_iteration.txt").read_text() in ("2", "4")
-    train(killed, nproc)  # resumes
+    train(killed)  # resumes
     a = exported(tmp_path / "straight", tmp_path / "a")
     b = exported(tmp_path / "killed", tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

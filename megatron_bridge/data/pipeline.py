@@ -25,21 +25,11 @@ from megatron_bridge.data.chat import ChatMasker
 from megatron_bridge.data.indexed import SFTWriter, paths
 from megatron_bridge.data.packing import best_fit_decreasing
 from settings.errors import UserError
+from settings.models import TokenizeSettings
 
 CHUNK = 128  # samples per worker task: fixed, so chunking never depends on the worker count
 HISTOGRAM_BINS = 32
 
-
-
-@dataclass(frozen=True)
-class Options:
-    seq_length: int
-    pack: bool = True
-    overlong: str = "drop"  # drop | truncate | error
-    assistant_turns: str = "all"
-    supervise_control_token: bool = True
-    control_tokens: tuple[str, ...] = ("<think>", "<short>")
-    workers: int = 0
 
 
 # -- workers -------------------------------------------------------------------------------------
@@ -52,9 +42,9 @@ def _init_worker(spec: dict[str, Any]) -> None:
     _masker = ChatMasker.from_spec(spec)
 
 
-def make_masker(tokenizer_dir: Path, options: Options) -> ChatMasker:
-    return ChatMasker(tokenizer_dir, options.assistant_turns, options.supervise_control_token,
-                      options.control_tokens)
+def make_masker(tokenizer_dir: Path, settings: TokenizeSettings) -> ChatMasker:
+    return ChatMasker(tokenizer_dir, settings.assistant_turns, settings.supervise_control_token,
+                      settings.control_tokens)
 
 
 def _encode_chunk(batch: list[list[dict[str, str]]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -87,13 +77,13 @@ def count_rows(parquet: Path) -> int:
     return pq.ParquetFile(parquet).metadata.num_rows
 
 
-def encoded(parquet: Path, masker: ChatMasker, options: Options
+def encoded(parquet: Path, masker: ChatMasker, settings: TokenizeSettings
             ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
     """(location, (ids, mask)) per sample, in dataset order."""
     chunks_total = -(-count_rows(parquet) // CHUNK)
     # A pool costs seconds of start-up (spawned interpreters import transformers): not worth it
     # for a couple of chunks. The bytes are the same either way.
-    workers = min(options.workers or os.cpu_count() or 1, max(chunks_total // 2, 1))
+    workers = min(settings.workers or os.cpu_count() or 1, max(chunks_total // 2, 1))
     chunks = read_chunks(parquet)
     if workers == 1:
         for batch, where in chunks:
@@ -143,7 +133,7 @@ class Stats:
         }
 
 
-def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Options,
+def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, settings: TokenizeSettings,
                    on_progress: Callable[[int], None] = lambda n: None,
                    masker: ChatMasker | None = None) -> dict[str, Any]:
     """Tokenize one split into `<prefix>-tokens/-mask` indexed datasets; returns statistics.
@@ -151,19 +141,19 @@ def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Op
     already built for `tokenizer_dir` to skip loading the tokenizer again."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    stats = Stats(seq_length=options.seq_length)
+    stats = Stats(seq_length=settings.seq_length)
     staging = prefix.with_name(prefix.name + ".staging")
     writer = SFTWriter(staging)
-    limit = options.seq_length
-    masker = masker or make_masker(tokenizer_dir, options)
-    for where, (ids, mask) in encoded(parquet, masker, options):
+    limit = settings.seq_length
+    masker = masker or make_masker(tokenizer_dir, settings)
+    for where, (ids, mask) in encoded(parquet, masker, settings):
         stats.samples_in += 1
         on_progress(1)
         if len(ids) > limit:
-            if options.overlong == "error":
+            if settings.overlong == "error":
                 raise UserError(f"{where}: {len(ids)} tokens is longer than tokenize.seq_length="
                                 f"{limit}; raise it, or set tokenize.overlong: drop or truncate")
-            if options.overlong == "drop":
+            if settings.overlong == "drop":
                 stats.dropped["overlong"] += 1
                 continue
             ids, mask = ids[:limit], mask[:limit]
@@ -180,7 +170,7 @@ def tokenize_split(parquet: Path, tokenizer_dir: Path, prefix: Path, options: Op
     try:
         if stats.samples_out == 0:  # nothing to write (the caller decides if that is an error)
             return stats.summary()
-        rows = (best_fit_decreasing(np.asarray(stats.lengths), limit) if options.pack
+        rows = (best_fit_decreasing(np.asarray(stats.lengths), limit) if settings.pack
                 else [[i] for i in range(len(stats.lengths))])
         stats.rows = len(rows)
         tokens = IndexedDataset(str(staging.with_name(staging.name + "-tokens")))

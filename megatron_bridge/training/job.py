@@ -1,16 +1,21 @@
-"""What one training run is: written as JSON by the `train` stage (or by hand), read by every rank.
+"""What one training run is: the `train` settings section, whole, plus what the settings cannot
+know (where the inputs and outputs are, the device `auto` resolved to). Written as JSON by the
+`train` stage (or by hand), read by every rank; pydantic validates the settings there, once.
 
-`check()` runs before the model is built, so bad input fails before any step with one line.
+`check()` holds only what needs the running job (the launched world, the GPU, the model and the
+data); it runs before the model is built, so bad input fails before any step with one line.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from settings.errors import UserError
+from settings.loader import format_validation_error
+from settings.models import TrainSettings
 
 
 def packed_sequences() -> bool:
@@ -22,86 +27,69 @@ def packed_sequences() -> bool:
     return use_te()
 
 
-@dataclass
-class TrainJob:
+class TrainJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    train: TrainSettings
+    """The `train` settings section, whole: every training setting and its one default."""
     checkpoint: str
     """The converted model: a Megatron checkpoint written by `rsft convert` (fine-tuning start)."""
     data: str
     """The `tokenize` artifact folder (`train-tokens/-mask` indexed datasets + `stats.json`)."""
     save: str
     """Where checkpoints go; a rerun with the same folder resumes from its latest checkpoint."""
-    train_iters: int
-    global_batch_size: int
-    micro_batch_size: int = 1
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = "cosine"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    loss_scale: float | None = None
-    """fp16: a constant loss scale; None: dynamic (Megatron's DynamicGradScaler)."""
-    use_distributed_optimizer: bool = False
-    device: str = "cpu"  # cpu | cuda
-    seed: int = 1234
-    save_interval: int = 100
-    keep_last: int = 2
-    log_interval: int = 1
-    recompute: str = "none"  # none | full | selective
-    attention_dropout: float | None = None
-    """None: the model config's."""
-    hidden_dropout: float | None = None
-    """None: the model config's (0 for the supported architectures)."""
+    device: Literal["cpu", "cuda"]
+    """What `train.device` resolved to where the job was written (`auto` cannot be decided on
+    the ranks: a cluster's nodes may have GPUs the writer has not)."""
     metrics: str = ""
     """JSONL file for per-step metrics (default: `<save>/metrics.jsonl`)."""
 
+    @model_validator(mode="after")
+    def _device_resolves_the_setting(self) -> "TrainJob":
+        if self.train.device not in ("auto", self.device):
+            raise ValueError(f"device {self.device} contradicts train.device {self.train.device}")
+        return self
+
     @classmethod
     def read(cls, path: Path) -> "TrainJob":
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise UserError(f"{path}: unknown job fields {unknown}")
-        return cls(**data)
+        """The job file, validated; anything wrong in it is one line."""
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except OSError as e:
+            raise UserError(f"cannot read the training job {path}: {e.strerror}") from None
+        except ValidationError as e:
+            raise UserError("; ".join(format_validation_error(e, str(path)).splitlines())) from None
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
     @property
     def metrics_path(self) -> Path:
         return Path(self.metrics or Path(self.save) / "metrics.jsonl")
 
     def check(self, world_size: int, model_meta: dict[str, Any], data_stats: dict[str, Any]) -> None:
-        """Everything that can be known wrong before building the model."""
+        """Everything that can be known wrong before building the model (the settings' own
+        consistency was validated with them)."""
         import torch
 
+        t = self.train
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("train.device is cuda but no GPU is visible; set train.device: cpu "
                            "(or auto) or run on a GPU machine")
-        mp = self.tensor_parallel * self.pipeline_parallel
-        if world_size % mp:
-            raise UserError(f"{world_size} processes cannot hold TP×PP = {mp}; set "
-                           "train.nproc_per_node × nnodes to a multiple of it")
-        dp = world_size // mp
-        if self.global_batch_size % (self.micro_batch_size * dp):
-            raise UserError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                           f"micro_batch_size × data-parallel size = {self.micro_batch_size} × {dp}")
-        if self.precision == "fp16" and self.loss_scale is not None and self.loss_scale <= 1:
-            raise UserError(f"train.loss_scale={self.loss_scale}: fp16 gradients underflow without "
-                           "loss scaling; leave loss_scale unset (dynamic) or set it above 1")
-        if self.device == "cuda" and self.micro_batch_size != 1 and packed_sequences():
+        # The settings checked TP×PP and the batch against nproc_per_node × nnodes: hold the
+        # launch to it.
+        if world_size != t.nproc_per_node * t.nnodes:
+            raise UserError(f"{world_size} processes were launched for a job of "
+                            f"train.nproc_per_node × nnodes = {t.nproc_per_node} × {t.nnodes}; "
+                            "launch it with that many")
+        if self.device == "cuda" and t.micro_batch_size != 1 and packed_sequences():
             raise UserError("train.micro_batch_size must be 1 with Transformer Engine: a packed row "
                            "is one THD sequence batch; raise global_batch_size instead")
         hf = model_meta["hf_config"]
         from megatron_bridge.build import check_layout
 
         try:
-            check_layout(hf, self.tensor_parallel, self.pipeline_parallel)
+            check_layout(hf, t.tensor_parallel, t.pipeline_parallel)
         except ValueError as e:
             raise UserError(f"train.{e}") from None
         tok = data_stats["tokenizer"]
@@ -119,6 +107,6 @@ class TrainJob:
             raise UserError(f"the data's seq_length {data_stats['seq_length']} is above the model's "
                            f"max_position_embeddings {max_pos}; re-tokenize with a shorter one")
         rows = data_stats["splits"]["train"]["rows"]
-        if rows < self.global_batch_size:
+        if rows < t.global_batch_size:
             raise UserError(f"the data has {rows} rows, fewer than one global batch "
-                           f"({self.global_batch_size}); lower train.global_batch_size")
+                           f"({t.global_batch_size}); lower train.global_batch_size")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_bridge import compat
 from megatron_bridge.training.batches import MicroBatch
-from megatron_bridge.training.job import TrainJob
+from settings.models import TrainSettings
 
 DISTRIBUTED_OPTIMIZER_CHECKPOINT = {"distrib_optim_sharding_type": "dp_reshardable"}
 """Megatron's per-DP-shard optimizer format: saves and loads without gathering (the default
@@ -64,31 +64,32 @@ class Stepper:
     Build it after the weights are loaded: the optimizer's fp32 master weights are copies of the
     parameters at construction."""
 
-    def __init__(self, model, job: TrainJob, vocab_size: int, packed: bool):
+    def __init__(self, model, settings: TrainSettings, vocab_size: int, packed: bool):
         from megatron.core.distributed import (DistributedDataParallel,
                                                DistributedDataParallelConfig,
                                                finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.job, self.vocab_size, self.packed = job, vocab_size, packed
+        self.settings, self.vocab_size, self.packed = settings, vocab_size, packed
+        s = settings
         self.module = model
         config = model.config
         assert config.calculate_per_token_loss, "build the model with calculate_per_token_loss"
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-            use_distributed_optimizer=job.use_distributed_optimizer,
-            overlap_param_gather=job.use_distributed_optimizer)
-        fp16 = job.precision == "fp16"
+            use_distributed_optimizer=s.use_distributed_optimizer,
+            overlap_param_gather=s.use_distributed_optimizer)
+        fp16 = s.precision == "fp16"
         with compat.cuda_as_cpu():
             self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
             self.optimizer = get_megatron_optimizer(
                 OptimizerConfig(
-                    optimizer="adam", lr=job.lr, min_lr=job.min_lr, weight_decay=job.weight_decay,
-                    adam_beta1=job.adam_beta1, adam_beta2=job.adam_beta2, adam_eps=job.adam_eps,
-                    clip_grad=job.clip_grad, bf16=job.precision == "bf16", fp16=fp16,
-                    loss_scale=job.loss_scale if fp16 else None,
+                    optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay,
+                    adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_eps=s.adam_eps,
+                    clip_grad=s.clip_grad, bf16=s.precision == "bf16", fp16=fp16,
+                    loss_scale=s.loss_scale if fp16 else None,
                     params_dtype=config.params_dtype,
-                    use_distributed_optimizer=job.use_distributed_optimizer),
+                    use_distributed_optimizer=s.use_distributed_optimizer),
                 [self.model])
         # Megatron-LM's train(): the schedule calls these.
         config.grad_scale_func = self.optimizer.scale_loss
@@ -142,7 +143,7 @@ class Stepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             # Megatron marks biases and 1-D params wd_mult 0; only its LR scheduler applies it.
-            group["weight_decay"] = self.job.weight_decay * group["wd_mult"]
+            group["weight_decay"] = self.settings.weight_decay * group["wd_mult"]
         reports = self.forward_backward(micro_batches)
         with compat.cuda_as_cpu():
             updated, grad_norm, _ = self.optimizer.step()

@@ -22,9 +22,10 @@ from megatron_bridge.parallel import model_parallel
 from megatron_bridge.training import state
 from megatron_bridge.training.batches import Batches
 from megatron_bridge.training.job import TrainJob, packed_sequences
-from settings.errors import UserError
 from megatron_bridge.training.schedule import learning_rate
 from megatron_bridge.training.step import Stepper, device
+from settings.errors import UserError
+from settings.models import TrainSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_FLOPS = float(os.environ.get("RSFT_PEAK_TFLOPS", "989")) * 1e12  # H100 bf16 dense
@@ -62,7 +63,7 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def model_overrides(job: TrainJob, packed: bool) -> dict[str, Any]:
+def model_overrides(settings: TrainSettings, packed: bool) -> dict[str, Any]:
     """TransformerConfig fields the training job sets on top of the architecture's."""
     # Weight-gradient GEMMs accumulating straight into DDP's main_grad: TE's layers do it
     # themselves, megatron's own output layer needs Apex's extension (NGC containers have it;
@@ -70,13 +71,13 @@ def model_overrides(job: TrainJob, packed: bool) -> dict[str, Any]:
     fusion = packed and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     overrides: dict[str, Any] = {"calculate_per_token_loss": True,
                                  "gradient_accumulation_fusion": fusion}
-    if job.attention_dropout is not None:
-        overrides["attention_dropout"] = job.attention_dropout
-    if job.hidden_dropout is not None:
-        overrides["hidden_dropout"] = job.hidden_dropout
-    if job.recompute != "none":
-        overrides["recompute_granularity"] = job.recompute
-        if job.recompute == "full":
+    if settings.attention_dropout is not None:
+        overrides["attention_dropout"] = settings.attention_dropout
+    if settings.hidden_dropout is not None:
+        overrides["hidden_dropout"] = settings.hidden_dropout
+    if settings.recompute != "none":
+        overrides["recompute_granularity"] = settings.recompute
+        if settings.recompute == "full":
             overrides.update(recompute_method="uniform", recompute_num_layers=1)
     return overrides
 
@@ -85,87 +86,140 @@ def build_stepper(job: TrainJob, meta: dict[str, Any], resume: int | None) -> St
     """This rank's model under megatron-core's DDP and optimizer (model-parallel groups must be
     initialised): the converted weights and a fresh optimizer (`resume` None), or model,
     optimizer and RNG of the save folder's iteration `resume`."""
+    t = job.train
     packed = packed_sequences()
-    model = build_model(meta["hf_config"], job.tensor_parallel, job.pipeline_parallel,
-                        DTYPES[job.precision], **model_overrides(job, packed)).to(device())
+    model = build_model(meta["hf_config"], t.tensor_parallel, t.pipeline_parallel,
+                        DTYPES[t.precision], **model_overrides(t, packed)).to(device())
     if resume is None:
         checkpoint.load(model, Path(job.checkpoint))
     # After the weights: the optimizer's master weights are copies of the parameters.
-    stepper = Stepper(model, job, meta["vocab_size"], packed)
+    stepper = Stepper(model, t, meta["vocab_size"], packed)
     if resume is not None:
         state.load(Path(job.save), resume, stepper, meta)
     return stepper
+
+
+def trained_metadata(meta: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
+    """The converted checkpoint's metadata as the saved checkpoints have it: their dtype and
+    layout."""
+    return {**meta, "dtype": str(DTYPES[settings.precision]).split(".")[-1],
+            "tensor_parallel": settings.tensor_parallel,
+            "pipeline_parallel": settings.pipeline_parallel}
+
+
+def banner(job: TrainJob, start: int, world: int, seq_length: int, packed: bool) -> str:
+    """The `training:` line (rank 0): steps, layout, precision, attention."""
+    from megatron.core import parallel_state as ps
+
+    t = job.train
+    attention = ("THD packed sequences (Transformer Engine)" if packed
+                 else "block-diagonal mask (megatron-core local spec)")
+    return (f"training: steps {start}..{t.train_iters}, {world} processes "
+            f"(TP {t.tensor_parallel}, PP {t.pipeline_parallel}, "
+            f"DP {ps.get_data_parallel_world_size()}), seq {seq_length}, {t.precision}"
+            f"{', distributed optimizer' if t.use_distributed_optimizer else ''}, "
+            f"attention: {attention}")
+
+
+def due(done: int, interval: int, settings: TrainSettings) -> bool:
+    """Every `interval` steps, and after the last."""
+    return done % interval == 0 or done == settings.train_iters
+
+
+def should_log(done: int, settings: TrainSettings) -> bool:
+    return due(done, settings.log_interval, settings)
+
+
+def should_save(done: int, settings: TrainSettings) -> bool:
+    return due(done, settings.save_interval, settings)
+
+
+class MetricsLog:
+    """Rank 0's per-step records: JSON lines in `path` and a `step …` line printed for each.
+
+    On a resume the steps after the checkpoint are trained again: their old records go."""
+
+    def __init__(self, path: Path, total: int, resumed_at: int):
+        self.total = total
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if json.loads(line)["step"] <= resumed_at]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        print(f"step {record['step']}/{self.total} loss {record['loss']:.4f} "
+              f"lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3f} "
+              f"{record['tokens_per_s']:.0f} tok/s", flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def batch_work(micro, hf: dict[str, Any]) -> tuple[int, float]:
+    """Collective over the data-parallel group: the global batch's tokens and model FLOPs (each
+    DP rank's summed, so counted once whatever the layout)."""
+    from megatron.core import parallel_state as ps
+
+    lengths = [r for mb in micro for r in mb.lengths]
+    work = torch.tensor([sum(map(sum, lengths)), model_flops(hf, lengths)],
+                        dtype=torch.float64, device=device())
+    dist.all_reduce(work, group=ps.get_data_parallel_group())
+    tokens, flops = work.tolist()
+    return int(tokens), flops
+
+
+def record(done: int, result: dict[str, Any], lr: float, seconds: float, tokens: int,
+           flops: float, job: TrainJob, world: int) -> dict[str, Any]:
+    """One step's metrics line; MFU on CUDA (against RSFT_PEAK_TFLOPS per process), the loss
+    scale and skipped flag in fp16."""
+    metrics = {"step": done, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+               "tokens": tokens, "supervised_tokens": result["supervised_tokens"],
+               "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+               "memory_gb": round(memory_gb(), 3)}
+    if job.device == "cuda":
+        metrics["mfu"] = round(flops / (seconds * PEAK_FLOPS * world), 4)
+    if job.train.precision == "fp16":
+        metrics.update(loss_scale=result["loss_scale"], skipped=result["skipped"])
+    return metrics
 
 
 def run(job: TrainJob) -> None:
     meta, stats = read_inputs(job)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     job.check(world, meta, stats)
-    hf = meta["hf_config"]
-    seq_length = stats["seq_length"]
-    with model_parallel(job.tensor_parallel, job.pipeline_parallel, job.seed):
+    t, save_dir = job.train, Path(job.save)
+    with model_parallel(t.tensor_parallel, t.pipeline_parallel, t.seed):
         from megatron.core import parallel_state as ps
 
-        save_dir = Path(job.save)
-        start = state.latest_iteration(save_dir)
-        stepper = build_stepper(job, meta, start)
-        start = start or 0
-        trained_meta = {**meta, "dtype": str(DTYPES[job.precision]).split(".")[-1],
-                        "tensor_parallel": job.tensor_parallel,
-                        "pipeline_parallel": job.pipeline_parallel}
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            attention = ("THD packed sequences (Transformer Engine)" if stepper.packed
-                         else "block-diagonal mask (megatron-core local spec)")
-            print(f"training: steps {start}..{job.train_iters}, {world} processes "
-                  f"(TP {job.tensor_parallel}, PP {job.pipeline_parallel}, "
-                  f"DP {ps.get_data_parallel_world_size()}), seq {seq_length}, {job.precision}"
-                  f"{', distributed optimizer' if job.use_distributed_optimizer else ''}, "
-                  f"attention: {attention}", flush=True)
-        batches = Batches(SFTDataset(Path(job.data) / "train"), seq_length, job.global_batch_size,
-                          job.micro_batch_size, ps.get_data_parallel_rank(),
-                          ps.get_data_parallel_world_size(), job.seed)
-        metrics = None
-        if rank0:
+        resume = state.latest_iteration(save_dir)
+        stepper = build_stepper(job, meta, resume)
+        start = resume or 0
+        batches = Batches(SFTDataset(Path(job.data) / "train"), stats["seq_length"],
+                          t.global_batch_size, t.micro_batch_size, ps.get_data_parallel_rank(),
+                          ps.get_data_parallel_world_size(), t.seed)
+        log = None
+        if dist.get_rank() == 0:
+            print(banner(job, start, world, stats["seq_length"], stepper.packed), flush=True)
             save_dir.mkdir(parents=True, exist_ok=True)
-            job.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            if job.metrics_path.is_file():  # steps after the resumed checkpoint are redone
-                kept = [line for line in job.metrics_path.read_text().splitlines()
-                        if json.loads(line)["step"] <= start]
-                job.metrics_path.write_text("".join(line + "\n" for line in kept))
-            metrics = open(job.metrics_path, "a")
+            log = MetricsLog(job.metrics_path, t.train_iters, start)
         try:
-            for step in range(start, job.train_iters):
+            for step in range(start, t.train_iters):
                 micro = batches.step(step)
-                lr = learning_rate(step, lr=job.lr, min_lr=job.min_lr, warmup=job.lr_warmup_iters,
-                                   total=job.train_iters, style=job.lr_decay_style)
+                lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
+                                   total=t.train_iters, style=t.lr_decay_style)
                 began = time.perf_counter()
                 result = stepper.step(micro, lr)
                 seconds = time.perf_counter() - began
-                # This data-parallel rank's tokens and FLOPs, summed over the DP group: the global
-                # batch's, counted once.
-                lengths = [r for mb in micro for r in mb.lengths]
-                work = torch.tensor([sum(map(sum, lengths)), model_flops(hf, lengths)],
-                                    dtype=torch.float64, device=device())
-                dist.all_reduce(work, group=ps.get_data_parallel_group())
-                tokens, flops = work.tolist()
-                record = {"step": step + 1, "loss": result["loss"], "lr": lr,
-                          "grad_norm": result["grad_norm"], "tokens": int(tokens),
-                          "supervised_tokens": result["supervised_tokens"],
-                          "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-                          "memory_gb": round(memory_gb(), 3)}
-                if job.device == "cuda":
-                    record["mfu"] = round(flops / (seconds * PEAK_FLOPS * world), 4)
-                if job.precision == "fp16":
-                    record.update(loss_scale=result["loss_scale"], skipped=result["skipped"])
-                if metrics and ((step + 1) % job.log_interval == 0 or step + 1 == job.train_iters):
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    print(f"step {step + 1}/{job.train_iters} loss {result['loss']:.4f} "
-                          f"lr {lr:.3g} grad_norm {result['grad_norm']:.3f} "
-                          f"{record['tokens_per_s']:.0f} tok/s", flush=True)
-                if (step + 1) % job.save_interval == 0 or step + 1 == job.train_iters:
-                    state.save(save_dir, step + 1, stepper, trained_meta, job.keep_last)
+                tokens, flops = batch_work(micro, meta["hf_config"])
+                done = step + 1
+                if log and should_log(done, t):
+                    log.write(record(done, result, lr, seconds, tokens, flops, job, world))
+                if should_save(done, t):
+                    state.save(save_dir, done, stepper, trained_metadata(meta, t), t.keep_last)
         finally:
-            if metrics:
-                metrics.close()
+            if log:
+                log.close()

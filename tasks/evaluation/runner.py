@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from settings.errors import UserError, exit_on_user_error
-from settings.models import VllmSettings
+from settings.models import EvaluateSettings
 from tasks.evaluation.local_tasks import LOCAL_TASKS, tasks_module
 
 log = logging.getLogger("rsft.evaluate")
@@ -39,20 +39,29 @@ OPEN_R1_TASKS = ("aime24", "math_500", "gpqa:diamond", "lcb:codegeneration")
 
 
 class EvalJob(BaseModel):
-    """Everything one lighteval run needs (written as JSON for the subprocess)."""
+    """Everything one lighteval run needs (written as JSON for the subprocess): the `evaluate`
+    settings whole, plus what they cannot know."""
 
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    evaluate: EvaluateSettings
     model: str
+    """The HF model folder (or, in tests, a name for a ready LightevalModel)."""
     output_dir: str
-    tasks: dict[str, int]
-    """Task name → samples per problem."""
-    backend: Literal["transformers", "vllm"] = "transformers"
-    max_new_tokens: int = 64
-    temperature: float = 0.6
-    top_p: float = 0.95
-    seed: int = 0
-    batch_size: int = 8
-    max_problems: int | None = None
-    vllm: VllmSettings = VllmSettings()
+    backend: Literal["transformers", "vllm"]
+    """What `evaluate.backend` resolved to on the machine that wrote the job."""
+
+    @model_validator(mode="after")
+    def _backend_resolves_the_setting(self) -> "EvalJob":
+        if self.evaluate.backend not in ("auto", self.backend):
+            raise ValueError(f"backend {self.backend} contradicts evaluate.backend "
+                             f"{self.evaluate.backend}")
+        return self
+
+    @property
+    def tasks(self) -> dict[str, int]:
+        """Task name → samples per problem."""
+        return {t.name: t.samples for t in self.evaluate.tasks}
 
 
 def resolve_backend(backend: str) -> str:
@@ -147,14 +156,15 @@ def task_registry(tasks: dict[str, int], max_new_tokens: int):
 def model_config(job: EvalJob, cache_dir: Path):
     from lighteval.models.model_input import GenerationParameters
 
-    generation = GenerationParameters(temperature=job.temperature, top_p=job.top_p,
-                                      max_new_tokens=job.max_new_tokens, seed=job.seed)
+    e = job.evaluate
+    generation = GenerationParameters(temperature=e.temperature, top_p=e.top_p,
+                                      max_new_tokens=e.max_new_tokens, seed=e.seed)
     if job.backend == "vllm":
         from lighteval.models.vllm.vllm_model import VLLMModelConfig
 
-        v = job.vllm
+        v = e.vllm
         return VLLMModelConfig(
-            model_name=job.model, dtype=v.dtype, max_model_length=v.max_model_length, seed=job.seed,
+            model_name=job.model, dtype=v.dtype, max_model_length=v.max_model_length, seed=e.seed,
             gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel,
             data_parallel_size=v.data_parallel, add_special_tokens=False,
             generation_parameters=generation, cache_dir=str(cache_dir))
@@ -164,7 +174,7 @@ def model_config(job: EvalJob, cache_dir: Path):
     # The chat template already starts with BOS: adding special tokens would double it.
     return TransformersModelConfig(
         model_name=job.model, device="cuda" if torch.cuda.is_available() else "cpu",
-        batch_size=job.batch_size, add_special_tokens=False, generation_parameters=generation,
+        batch_size=e.batch_size, add_special_tokens=False, generation_parameters=generation,
         cache_dir=str(cache_dir))
 
 
@@ -210,18 +220,20 @@ def _run(job: EvalJob, model) -> dict[str, Any]:
     folder = None if model is not None else Path(job.model).resolve()
     if folder is not None:
         check_model_folder(folder)
-    with task_registry(job.tasks, job.max_new_tokens) as task_string, \
+    with task_registry(job.tasks, job.evaluate.max_new_tokens) as task_string, \
             tempfile.TemporaryDirectory(prefix=".predictions-", dir=out) as cache, \
             _beside(folder) as model_name:
         if model_name is not None:
             job = job.model_copy(update={"model": model_name})
         tracker = EvaluationTracker(output_dir=str(raw), save_details=True)
-        params = PipelineParameters(launcher_type=launcher, custom_tasks_directory=tasks_module(job.tasks),
-                                    max_samples=job.max_problems)
+        params = PipelineParameters(launcher_type=launcher,
+                                    custom_tasks_directory=tasks_module(job.tasks),
+                                    max_samples=job.evaluate.max_problems)
         pipeline = Pipeline(tasks=task_string, pipeline_parameters=params, evaluation_tracker=tracker,
                             model_config=None if model else model_config(job, Path(cache)), model=model)
         generator = getattr(pipeline.model, "model", None)
-        if job.backend == "transformers" and job.temperature > 0 and generator is not None:
+        if (job.backend == "transformers" and job.evaluate.temperature > 0
+                and generator is not None):
             # lighteval passes temperature/top_p but never do_sample: without it transformers
             # decodes greedily (n identical samples) unless the folder's generation_config says so
             generator.generation_config.do_sample = True
@@ -229,7 +241,7 @@ def _run(job: EvalJob, model) -> dict[str, Any]:
         # unseeded run scores differently each time (found by the crash drills' reruns)
         from transformers import set_seed
 
-        set_seed(job.seed)
+        set_seed(job.evaluate.seed)
         pipeline.evaluate()
         pipeline.save_and_push_results()
         configs = {t.config.name: t.config for t in pipeline.tasks_dict.values()}
@@ -255,7 +267,7 @@ def _run(job: EvalJob, model) -> dict[str, Any]:
         return {k: d[k] for k in sorted(d, key=lambda k: (order.get(k, len(order)), k))}
 
     summary = {"model": str(folder or job.model), "backend": job.backend, "tasks": job.tasks,
-               "max_problems": job.max_problems, "scores": ordered(scores),
+               "max_problems": job.evaluate.max_problems, "scores": ordered(scores),
                "hybrid": ordered(hybrid)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     def work() -> None:
-        job.backend = resolve_backend(job.backend)
+        resolve_backend(job.backend)  # this machine can run it too (vLLM: a GPU, the package)
         print(json.dumps(run(job)["scores"]))
 
     return exit_on_user_error(work)
