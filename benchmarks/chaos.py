@@ -5,8 +5,7 @@ artifact with an uninterrupted run. Plus a full disk during publish and corrupte
     python benchmarks/chaos.py [--drills 24] [--seed 0] [--workdir DIR] [--stages convert train]
 
 One uninterrupted baseline run of the preset, then each drill works on a copy of the baseline's
-workdir (artifacts hard-linked, scratch copied; Prefect's cache records are keyed by workdir path,
-so the copy starts with none) with the target stage's artifact deleted (for train also its
+workdir (artifacts hard-linked, scratch copied) with the target stage's artifact deleted (for train also its
 scratch, or on alternate drills the scratch rolled back to its first checkpoint, as a previous
 crash leaves it). `rsft run` starts in its own session; once the stage's `.tmp-<key>-*` build dir
 appears the drill sleeps a random fraction of the stage's baseline build time and sends SIGKILL.

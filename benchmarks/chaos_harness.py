@@ -233,7 +233,7 @@ class Harness:
     def tidy(self, r: DrillResult, folder: Path, keep: bool) -> None:
         (folder / "result.json").write_text(json.dumps(vars(r) | {"passed": r.passed}, indent=2))
         if r.passed and not keep:
-            for sub in ("artifacts", "scratch", "prefect"):
+            for sub in ("artifacts", "scratch"):
                 shutil.rmtree(folder / "work" / sub, ignore_errors=True)
 
     # the kill drill ----------------------------------------------------------------------------

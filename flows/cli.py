@@ -151,7 +151,6 @@ def kubernetes_manifest(
 def _bridge(args: list[str], layout: tuple[int, int] | None = None) -> str:
     """Run megatron_bridge (torchrun when TP×PP > 1); a user mistake exits 2 with its line."""
     from megatron_bridge.launch import run_bridge
-    from settings.errors import UserError
 
     try:
         return run_bridge(args, layout)
@@ -214,6 +213,7 @@ def tokenize_cmd(
 
     from pydantic import ValidationError
 
+    from settings.loader import format_validation_error
     from settings.models import TokenizeSettings
     from tasks.tokenize import tokenize_files
 
@@ -224,7 +224,7 @@ def tokenize_cmd(
                                     workers=workers)
         stats = tokenize_files(data, fields, tokenizer, out, settings, logging.getLogger("rsft"))
     except ValidationError as e:
-        fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        fail(format_validation_error(e, "rsft tokenize"))
     except ValueError as e:  # a --field without "="
         fail(f"--field expects COLUMN=ROLE ({e})")
     except UserError as e:
@@ -248,7 +248,7 @@ def eval_cmd(
     """Run the evaluate stage alone: lighteval on an HF folder → scores and hybrid metrics."""
     from pydantic import ValidationError
 
-    from settings.loader import load_settings
+    from settings.loader import format_validation_error, load_settings
     from tasks.evaluate import evaluate_model, hybrid_rows, score_rows
 
     try:
@@ -262,7 +262,7 @@ def eval_cmd(
             raise UserError(f"--out {out} is not empty; choose another folder")
         results = evaluate_model(settings, model, out)
     except ValidationError as e:
-        fail("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        fail(format_validation_error(e, "rsft eval"))
     except UserError as e:
         fail(str(e))
     for row in score_rows(results, None):

@@ -490,8 +490,9 @@ class PipelineSettings(Strict):
     name: str = "tiny"
     """Name of this configuration (the preset's name; shown in flow-run names)."""
     workdir: Path = not_in_key(default=Path("rsft-work"))
-    """Root of the artifact store (`<workdir>/artifacts/<stage>/<key>/`), logs and Prefect cache
-    records. Relative paths are relative to the current directory."""
+    """Root of the artifact store (`<workdir>/artifacts/<stage>/<key>/`) and the stages' scratch
+    folders (`<workdir>/scratch/`: training checkpoints, logs). Relative paths are relative to the
+    current directory."""
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     patch_tokenizer: PatchTokenizerSettings = Field(default_factory=PatchTokenizerSettings)
     convert: ConvertSettings = Field(default_factory=ConvertSettings)

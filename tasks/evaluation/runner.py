@@ -2,7 +2,7 @@
 with the transformers (any device) or vLLM (GPU) backend, then results + details + hybrid metrics
 written into an output folder.
 
-Offline traps handled here (see DESIGN.md): lighteval's task registry imports every built-in task
+Offline traps handled here: lighteval's task registry imports every built-in task
 module and some fetch files at import, so a run of only local tasks builds its registry from those
 alone, and a run with built-in tasks skips the modules that cannot be imported; predictions are
 cached in a fresh folder per run (lighteval's cache key ignores the weights); sampling is switched
