@@ -1,16 +1,26 @@
-"""Shared fixtures: real assets, a real Prefect API for the session, and helpers to run the CLI."""
+"""Shared fixtures and helpers: real assets, a real Prefect API for the session, the CLI, tiny
+real models, the real traces tokenized, a converted checkpoint and training jobs, pipeline runs."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import torch
+
+from settings.models import DatasetSource, TokenizeSettings, TrainSettings
+
+if TYPE_CHECKING:
+    from megatron_bridge.training.job import TrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
@@ -144,3 +154,155 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+# -- shared helpers and fixtures of the model, data, training and pipeline tests -------------------
+TRACES = SHARED_ASSETS / "data" / "openmathreasoning_r1_505.jsonl"
+TRACE_FIELDS = {"problem": "user", "generated_solution": "assistant"}
+LOG = logging.getLogger("test")
+
+
+def build_dataset(out: Path, **settings) -> dict:
+    from settings.models import DatasetSettings
+    from tasks import dataset
+    from tasks.stage import BuildContext
+
+    s = DatasetSettings(**settings)
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict = {}
+    dataset.build(BuildContext(s, out, {}, dataset.fingerprint(s), meta, LOG))
+    return json.loads((out / "stats.json").read_text())
+
+
+FAMILIES = {
+    "qwen2": {},
+    "llama": {},
+    "qwen3": {"head_dim": 32},  # Qwen3 decouples head_dim from hidden/heads
+}
+
+
+def tiny_hf(out: Path, family: str, dtype: torch.dtype = torch.float32, tied: bool = False,
+            layers: int = 2, **extra) -> Path:
+    """A random tiny model of `family` with the real R1 tokenizer and its full vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        family, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, num_hidden_layers=layers, vocab_size=151936,
+        max_position_embeddings=512, tie_word_embeddings=tied, **{**FAMILIES[family], **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # HF initialises biases and norms to constants: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0, 0.5)
+    model.to(dtype).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(R1_TOKENIZER / f, out / f)
+    return out
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder, single file or sharded."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+SEQ = 256
+
+
+def tokenized(root: Path, tokenizer: Path, settings: TokenizeSettings, rows: int = 8,
+              **dataset) -> Path:
+    from tasks.tokenize import tokenize_dataset
+
+    subset = root / "traces.jsonl"
+    subset.write_text("".join(TRACES.read_text().splitlines(keepends=True)[:rows]))
+    build_dataset(root / "ds", sources=[DatasetSource(path=str(subset), fields=TRACE_FIELDS)],
+                  **dataset)
+    out = root / "tok"
+    out.mkdir()
+    tokenize_dataset(settings, {"train": root / "ds" / "train.parquet"}, tokenizer, out, LOG)
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_model_dir, tmp_path_factory) -> Path:
+    from megatron_bridge.convert import hf_to_mcore
+
+    out = tmp_path_factory.mktemp("mcore") / "ckpt"
+    hf_to_mcore(tiny_model_dir, out, 1, 1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data(patched_tokenizer, tmp_path_factory) -> Path:
+    """8 real traces, truncated to 256-token rows (the prompt and the start of each answer)."""
+    return tokenized(tmp_path_factory.mktemp("data"), patched_tokenizer,
+                     TokenizeSettings(seq_length=SEQ, overlong="truncate", pack=False, workers=1))
+
+
+def job(converted: Path, data: Path, save: Path, metrics: str = "", **settings) -> TrainJob:
+    """A 4-step CPU job; `settings` are the train section's (`device` included: the job's is
+    the same)."""
+    from megatron_bridge.training.job import TrainJob
+
+    base = dict(device="cpu", train_iters=4, global_batch_size=4, micro_batch_size=1, lr=1e-3,
+                min_lr=1e-4, lr_warmup_iters=1, save_interval=2, weight_decay=0.0, seed=7)
+    train = TrainSettings(**{**base, **settings})
+    return TrainJob(train=train, checkpoint=str(converted), data=str(data), save=str(save),
+                    device=train.device, metrics=metrics)
+
+
+def metrics(j: TrainJob) -> list[dict]:
+    return [json.loads(line) for line in j.metrics_path.read_text().splitlines()]
+
+
+def exported(save: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Megatron checkpoint folder, read back through the HF export."""
+    from megatron_bridge.convert import mcore_to_hf
+
+    mcore_to_hf(save, out)
+    return load_folder(out)
+
+
+def assert_known_shims() -> None:
+    """Every CUDA request megatron-core made on this CPU box is a reviewed call site."""
+    from megatron_bridge import compat
+
+    unknown = sorted(set(compat.REDIRECTS) - set(compat.KNOWN_CALL_SITES))
+    assert not unknown, f"megatron-core asked for CUDA at unreviewed sites: {unknown}"
+
+
+def run_pipeline(workdir: Path, *overrides: str, **selection):
+    """The sft-pipeline flow on the tiny preset, up to patch_tokenizer unless told otherwise:
+    (flow state, {stage: task-run state name}, artifact keys)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import sft_pipeline
+    from settings import load_settings
+
+    if not {"until", "only", "from_stage"} & selection.keys():  # until=None: everything
+        selection["until"] = "patch_tokenizer"
+    # Two short training steps: the trainer has its own tests; here it is the wiring.
+    quick = ["train.train_iters=2", "train.save_interval=1", "train.lr_warmup_iters=1"]
+    settings = load_settings("tiny", [f"workdir={workdir}", *quick, *overrides])
+    state = sft_pipeline(settings=settings, return_state=True, **selection)
+    with get_client(sync_client=True) as client:
+        flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        task_runs = settled_task_runs(client, flow_filter)
+        artifacts = client.read_artifacts(flow_run_filter=flow_filter)
+    states = {stage_of(tr.name): tr.state.name for tr in task_runs}
+    return state, states, {a.key for a in artifacts if a.key}
+
+
+def stage_of(task_run_name: str) -> str:
+    """A stage's task run is named after it once it starts; one that never started (`NotReady`)
+    keeps Prefect's provisional `<stage>-<suffix>`."""
+    return task_run_name if "-" not in task_run_name else task_run_name.rsplit("-", 1)[0]
+
+
+def artifact_dir(workdir: Path, stage: str) -> Path:
+    (d,) = [p for p in (workdir / "artifacts" / stage).iterdir() if not p.name.startswith(".")]
+    return d

@@ -14,6 +14,7 @@ from settings.errors import UserError
 from tasks import train_launch
 from tasks.agent_watch import TAIL_LINES, AgentWatch, latest_metrics
 
+
 TIMEOUT_MESSAGE = ("timed out after 2 min (train.timeout_minutes); rerun to resume from the "
                    "latest checkpoint")
 

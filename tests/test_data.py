@@ -4,7 +4,6 @@ and Megatron indexed datasets (`tokenize`), checked by decoding what training wi
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -20,21 +19,8 @@ from megatron_bridge.data.pipeline import tokenize_split
 from settings.errors import UserError
 from settings.models import DatasetSettings, DatasetSource, PatchTokenizerSettings, TokenizeSettings
 from tasks import dataset
-from tasks.stage import BuildContext
 from tasks.tokenize import tokenize_dataset, tokenize_files
-from tests.conftest import COMMIT, R1_TOKENIZER, SHARED_ASSETS, make_hf_cache
-
-TRACES = SHARED_ASSETS / "data" / "openmathreasoning_r1_505.jsonl"
-TRACE_FIELDS = {"problem": "user", "generated_solution": "assistant"}
-LOG = logging.getLogger("test")
-
-
-def build_dataset(out: Path, **settings) -> dict:
-    s = DatasetSettings(**settings)
-    out.mkdir(parents=True, exist_ok=True)
-    meta: dict = {}
-    dataset.build(BuildContext(s, out, {}, dataset.fingerprint(s), meta, LOG))
-    return json.loads((out / "stats.json").read_text())
+from tests.conftest import COMMIT, LOG, R1_TOKENIZER, TRACE_FIELDS, TRACES, build_dataset, make_hf_cache
 
 
 def rows(parquet: Path) -> list[dict]:

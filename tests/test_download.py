@@ -19,6 +19,7 @@ from tasks.builtin_models import build_builtin
 from tasks.stage import execute, plan_key
 from tests.conftest import COMMIT, make_hf_cache
 
+
 def run_download(tmp_path: Path, **settings) -> "download.Manifest":
     section = DownloadSettings(**settings)
     plan = plan_key(download.STAGE, section, {})

@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from settings.models import RetrySettings
 from tasks.retry import is_transient, retry_options
 from tests.conftest import settled_task_runs
-from tests.test_pipeline import run
+from tests.conftest import run_pipeline as run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -23,6 +23,7 @@ from tasks.kubernetes.manifest import MAX_NAME, job_name, pytorchjob_manifest
 from tasks.train import resolve_device
 from tests.conftest import ROOT, rsft
 
+
 KEY = "0123456789abcdef"
 RUN_ID = f"rsft-{KEY}"
 IMAGE = "registry.example/reasoning-sft:1.0"

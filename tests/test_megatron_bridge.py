@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,39 +17,7 @@ from megatron_bridge.__main__ import main as bridge_main
 from megatron_bridge.__main__ import verify
 from megatron_bridge.convert import hf_to_mcore, mcore_to_hf
 from megatron_bridge.models import ARCHITECTURES, Geometry, Kind, to_hf, to_megatron
-from tests.conftest import R1_TOKENIZER
-
-FAMILIES = {
-    "qwen2": {},
-    "llama": {},
-    "qwen3": {"head_dim": 32},  # Qwen3 decouples head_dim from hidden/heads
-}
-
-
-def tiny_hf(out: Path, family: str, dtype: torch.dtype = torch.float32, tied: bool = False,
-            layers: int = 2, **extra) -> Path:
-    """A random tiny model of `family` with the real R1 tokenizer and its full vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        family, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, num_hidden_layers=layers, vocab_size=151936,
-        max_position_embeddings=512, tie_word_embeddings=tied, **{**FAMILIES[family], **extra})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # HF initialises biases and norms to constants: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(0, 0.5)
-    model.to(dtype).save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(R1_TOKENIZER / f, out / f)
-    return out
-
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF folder, single file or sharded."""
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+from tests.conftest import FAMILIES, load_folder, tiny_hf
 
 
 def assert_bit_exact(a_dir: Path, b_dir: Path) -> None:

@@ -13,8 +13,8 @@ import pytest
 from settings.errors import UserError
 from settings.models import TrainSettings
 from tasks import train_launch
-from tests.conftest import ROOT
-from tests.test_training import converted, data, job, metrics  # noqa: F401  (fixtures)
+from tests.conftest import ROOT, job, metrics
+
 
 LOG = logging.getLogger("test")
 

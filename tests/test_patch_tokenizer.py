@@ -11,6 +11,7 @@ from settings.models import PatchTokenizerSettings
 from tasks.patch_tokenizer import patch_folder, verify_folder
 from tests.conftest import R1_TOKENIZER
 
+
 QUESTION = [{"role": "user", "content": "Hello, world!"}]
 TRACE = "<think>\nLet me think. 2+2=4.\n</think>\n\nThe answer is 4."
 

@@ -11,59 +11,30 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.pipeline import sft_pipeline
-from settings import load_settings
-from tests.conftest import ROOT, make_hf_cache, settled_task_runs
+from tests.conftest import ROOT, artifact_dir, make_hf_cache, run_pipeline, stage_of
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-def run(workdir: Path, *overrides: str, **selection):
-    """The pipeline up to patch_tokenizer unless told otherwise (convert has its own tests)."""
-    if not {"until", "only", "from_stage"} & selection.keys():  # until=None: everything
-        selection["until"] = "patch_tokenizer"
-    # Two short training steps: the trainer has its own tests; here it is the wiring.
-    quick = ["train.train_iters=2", "train.save_interval=1", "train.lr_warmup_iters=1"]
-    settings = load_settings("tiny", [f"workdir={workdir}", *quick, *overrides])
-    state = sft_pipeline(settings=settings, return_state=True, **selection)
-    with get_client(sync_client=True) as client:
-        flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        task_runs = settled_task_runs(client, flow_filter)
-        artifacts = client.read_artifacts(flow_run_filter=flow_filter)
-    states = {stage_of(tr.name): tr.state.name for tr in task_runs}
-    return state, states, {a.key for a in artifacts if a.key}
-
-
-def stage_of(task_run_name: str) -> str:
-    """A stage's task run is named after it once it starts; one that never started (`NotReady`)
-    keeps Prefect's provisional `<stage>-<suffix>`."""
-    return task_run_name if "-" not in task_run_name else task_run_name.rsplit("-", 1)[0]
-
-
-def artifact_dir(workdir: Path, stage: str) -> Path:
-    (d,) = [p for p in (workdir / "artifacts" / stage).iterdir() if not p.name.startswith(".")]
-    return d
-
-
 def test_first_run_builds_and_second_is_all_cached(tmp_path):
-    state, states, artifacts = run(tmp_path)
+    state, states, artifacts = run_pipeline(tmp_path)
     assert state.is_completed(), state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
     assert "sft-pipeline-stages" in artifacts
     manifests = state.result()
     assert manifests["patch_tokenizer"].inputs == {"download": manifests["download"].content_hash}
-    state, states, _ = run(tmp_path)
+    state, states, _ = run_pipeline(tmp_path)
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
     assert state.result()["patch_tokenizer"].content_hash == manifests["patch_tokenizer"].content_hash
 
 
 def test_force_rebuilds_that_stage_and_downstream_only_if_changed(tmp_path):
-    run(tmp_path)
-    _, states, _ = run(tmp_path, force=["patch_tokenizer"])
+    run_pipeline(tmp_path)
+    _, states, _ = run_pipeline(tmp_path, force=["patch_tokenizer"])
     assert states == {"download": "Cached", "patch_tokenizer": "Completed"}
     # The built-in model is deterministic: a forced rebuild gives the same content, so
     # patch_tokenizer stays cached.
-    _, states, _ = run(tmp_path, force=["download"])
+    _, states, _ = run_pipeline(tmp_path, force=["download"])
     assert states == {"download": "Completed", "patch_tokenizer": "Cached"}
 
 
@@ -71,7 +42,7 @@ def test_forced_rebuild_with_new_content_reruns_downstream(tmp_path, tiny_model_
     src = tmp_path / "model"
     shutil.copytree(tiny_model_dir, src)
     work = tmp_path / "work"
-    first, _, _ = run(work, f"download.source={src}")
+    first, _, _ = run_pipeline(work, f"download.source={src}")
     # Edit the weights in place keeping size and mtime: the key cannot see it, a forced
     # rebuild of download does, and patch_tokenizer must then rebuild on the new input.
     weights = src / "model.safetensors"
@@ -80,9 +51,9 @@ def test_forced_rebuild_with_new_content_reruns_downstream(tmp_path, tiny_model_
         f.seek(st.st_size - 8)
         f.write(b"\x11" * 8)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _, states, _ = run(work, f"download.source={src}")
+    _, states, _ = run_pipeline(work, f"download.source={src}")
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
-    state, states, _ = run(work, f"download.source={src}", force=["download"])
+    state, states, _ = run_pipeline(work, f"download.source={src}", force=["download"])
     assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
     new = state.result()
     assert new["download"].key == first.result()["download"].key
@@ -91,39 +62,39 @@ def test_forced_rebuild_with_new_content_reruns_downstream(tmp_path, tiny_model_
 
 
 def test_deleted_or_truncated_artifacts_are_rebuilt(tmp_path):
-    run(tmp_path)
+    run_pipeline(tmp_path)
     shutil.rmtree(artifact_dir(tmp_path, "patch_tokenizer"))
-    _, states, _ = run(tmp_path)
+    _, states, _ = run_pipeline(tmp_path)
     assert states == {"download": "Cached", "patch_tokenizer": "Completed"}
     weights = artifact_dir(tmp_path, "download") / "model.safetensors"
     os.truncate(weights, 1000)
-    _, states, _ = run(tmp_path)
+    _, states, _ = run_pipeline(tmp_path)
     assert states == {"download": "Completed", "patch_tokenizer": "Cached"}
     assert weights.stat().st_size > 1000
 
 
 def test_verify_catches_same_size_corruption(tmp_path):
-    run(tmp_path)
+    run_pipeline(tmp_path)
     tokenizer = artifact_dir(tmp_path, "patch_tokenizer") / "tokenizer.json"
     data = tokenizer.read_bytes()
     tokenizer.write_bytes(data.replace(b'"<short>"', b'"<shxrt>"'))
-    _, states, _ = run(tmp_path)
+    _, states, _ = run_pipeline(tmp_path)
     assert states["patch_tokenizer"] == "Cached"  # sizes only: not noticed
-    state, states, _ = run(tmp_path, verify=True)
+    state, states, _ = run_pipeline(tmp_path, verify=True)
     assert states == {"download": "Cached", "patch_tokenizer": "Completed"}
     assert b'"<short>"' in tokenizer.read_bytes()
 
 
 def test_only_and_from(tmp_path):
-    state, states, _ = run(tmp_path, only=["patch_tokenizer"])
+    state, states, _ = run_pipeline(tmp_path, only=["patch_tokenizer"])
     assert state.is_failed() and states == {}
     assert "stage download is needed as input but its artifact" in state.message
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("manifest.json"))
-    _, states, _ = run(tmp_path, until="download")
+    _, states, _ = run_pipeline(tmp_path, until="download")
     assert states == {"download": "Completed"}
-    _, states, _ = run(tmp_path, only=["patch_tokenizer"])
+    _, states, _ = run_pipeline(tmp_path, only=["patch_tokenizer"])
     assert states == {"patch_tokenizer": "Completed"}
-    _, states, _ = run(tmp_path, from_stage="download", until="patch_tokenizer")
+    _, states, _ = run_pipeline(tmp_path, from_stage="download", until="patch_tokenizer")
     assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
 
 
@@ -133,7 +104,7 @@ def test_unpatchable_tokenizer_fails_in_one_line_and_publishes_nothing(tmp_path,
     tj = json.loads((src / "tokenizer.json").read_text())
     next(t for t in tj["added_tokens"] if t["id"] == 151650)["content"] = "<|something|>"
     (src / "tokenizer.json").write_text(json.dumps(tj))
-    state, states, _ = run(tmp_path / "work", f"download.source={src}")
+    state, states, _ = run_pipeline(tmp_path / "work", f"download.source={src}")
     assert state.is_failed() and states["patch_tokenizer"] == "Failed"
     assert "token 151650 in tokenizer.json is '<|something|>'" in state.message
     assert "\n" not in state.message
@@ -143,7 +114,7 @@ def test_unpatchable_tokenizer_fails_in_one_line_and_publishes_nothing(tmp_path,
 def test_bad_dataset_record_fails_in_one_line_and_publishes_nothing(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "Q", "output": "A"}\n{"instruction": "Q", "output": \n')
-    state, states, _ = run(tmp_path / "work", f"dataset.sources=[{{path: {data}}}]",
+    state, states, _ = run_pipeline(tmp_path / "work", f"dataset.sources=[{{path: {data}}}]",
                            until="dataset")
     assert state.is_failed() and states["dataset"] == "Failed"
     assert f"{data}:2: malformed JSON" in state.message and "\n" not in state.message
@@ -165,9 +136,9 @@ def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_
         hf_token(DownloadSettings(hf_token_secret="absent"))
     make_hf_cache(offline_hub, "tiny-org/tiny-qwen2", tiny_model_dir)
     source = "download.source=hf://tiny-org/tiny-qwen2@main"
-    with_secret, states, _ = run(tmp_path, source, "download.hf_token_secret=rsft-test-hf-token")
+    with_secret, states, _ = run_pipeline(tmp_path, source, "download.hf_token_secret=rsft-test-hf-token")
     assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
-    _, states, _ = run(tmp_path, source)  # the token does not change what is downloaded
+    _, states, _ = run_pipeline(tmp_path, source)  # the token does not change what is downloaded
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
     assert token not in caplog.text
     for f in tmp_path.rglob("*"):
@@ -176,14 +147,14 @@ def test_hf_token_from_a_prefect_secret_is_used_and_never_logged(tmp_path, tiny_
 
 
 def test_a_moved_workdir_is_reused_without_rebuilding(tmp_path):
-    built = run(tmp_path / "before")[0].result()
+    built = run_pipeline(tmp_path / "before")[0].result()
     (tmp_path / "before").rename(tmp_path / "after")
-    state, states, _ = run(tmp_path / "after")  # the store finds them where they now are
+    state, states, _ = run_pipeline(tmp_path / "after")  # the store finds them where they now are
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
     for name, manifest in state.result().items():
         assert manifest.created_unix == built[name].created_unix  # reused, not rebuilt
         assert manifest.path.startswith(str(tmp_path / "after")) and manifest.dir.is_dir()
-    _, states, _ = run(tmp_path / "after")
+    _, states, _ = run_pipeline(tmp_path / "after")
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
 
 
@@ -249,7 +220,7 @@ class _EosAfter:
 
 @pytest.mark.slow
 def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
-    state, states, artifacts = run(tmp_path, "export.push.repo=someone/tiny-rsft",
+    state, states, artifacts = run_pipeline(tmp_path, "export.push.repo=someone/tiny-rsft",
                                    "export.push.dry_run=true", until=None)  # the whole pipeline
     assert state.is_completed(), state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed", "convert": "Completed",
@@ -308,23 +279,23 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     # An earlier kept iteration exports on request, and is scored against the base model, whose
     # scores are then reused for another export; an iteration not kept fails in one line.
     base_eval = ["export.verify=false", "evaluate.evaluate_base=true", "evaluate.max_problems=1"]
-    state, states, _ = run(tmp_path, "export.iteration=1", *base_eval, only=["export", "evaluate"])
+    state, states, _ = run_pipeline(tmp_path, "export.iteration=1", *base_eval, only=["export", "evaluate"])
     assert states == {"export": "Completed", "evaluate": "Completed"}
     assert state.result()["export"].meta["iteration"] == 1
     rows = json.loads((state.result()["evaluate"].dir / "scores.json").read_text())
     assert rows and all(r["base"] is not None and r["delta"] == r["value"] - r["base"] for r in rows)
     (base_done,) = tmp_path.glob("scratch/evaluate/base-*/done")
     stamp = base_done.stat().st_mtime_ns
-    state, states, _ = run(tmp_path, "export.iteration=2", *base_eval, only=["export", "evaluate"])
+    state, states, _ = run_pipeline(tmp_path, "export.iteration=2", *base_eval, only=["export", "evaluate"])
     assert states == {"export": "Completed", "evaluate": "Completed"}
     assert base_done.stat().st_mtime_ns == stamp  # the base was not evaluated again
-    state, states, _ = run(tmp_path, "export.iteration=7", only=["export"])
+    state, states, _ = run_pipeline(tmp_path, "export.iteration=7", only=["export"])
     assert state.is_failed() and states == {"export": "Failed"}
     assert "export.iteration 7: no checkpoint of that iteration (kept: 1, 2)" in state.message
     assert "\n" not in state.message
 
     # A tokenizer edit re-tokenizes but neither reconverts the weights nor rebuilds the data.
-    _, states, _ = run(tmp_path, "patch_tokenizer.renames=[]",
+    _, states, _ = run_pipeline(tmp_path, "patch_tokenizer.renames=[]",
                        only=["patch_tokenizer", "convert", "dataset", "tokenize"])
     assert states == {"patch_tokenizer": "Completed", "convert": "Cached", "dataset": "Cached",
                       "tokenize": "Completed"}
@@ -346,7 +317,7 @@ def test_the_flow_runs_the_dag_and_a_failed_branch_stops_only_its_dependants(tmp
     evaluate NotReady, while tokenize — which needs no convert — is built and published."""
     from tasks import STAGES
 
-    state, states, _ = run(tmp_path, "convert.max_abs_diff=1e-30", until=None)
+    state, states, _ = run_pipeline(tmp_path, "convert.max_abs_diff=1e-30", until=None)
     assert state.is_failed() and "does not reproduce transformers' logits" in state.message
     assert state.message.startswith("convert: ") and "\n" not in state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed", "dataset": "Completed",
@@ -371,14 +342,14 @@ def test_the_flow_runs_the_dag_and_a_failed_branch_stops_only_its_dependants(tmp
     assert times["tokenize"][0] < times["convert"][1]
 
     # The rerun builds only what is missing: the failed branch and its dependants.
-    _, states, _ = run(tmp_path, "convert.max_abs_diff=1",
+    _, states, _ = run_pipeline(tmp_path, "convert.max_abs_diff=1",
                        only=["download", "patch_tokenizer", "convert", "dataset", "tokenize"])
     assert states == {"download": "Cached", "patch_tokenizer": "Cached", "dataset": "Cached",
                       "tokenize": "Cached", "convert": "Completed"}
 
 
 def test_convert_rejects_a_layout_the_model_cannot_take(tmp_path):
-    run(tmp_path, until="download")
-    state, _, _ = run(tmp_path, "convert.tensor_parallel=3", only=["convert"])
+    run_pipeline(tmp_path, until="download")
+    state, _, _ = run_pipeline(tmp_path, "convert.tensor_parallel=3", only=["convert"])
     assert state.is_failed()
     assert "tensor_parallel=3 must divide the 4 attention heads and 2 KV groups" in state.message

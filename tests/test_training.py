@@ -19,71 +19,8 @@ import torch.nn.functional as F
 from megatron_bridge import compat
 from megatron_bridge.training.job import TrainJob
 from settings.errors import UserError
-from settings.models import DatasetSource, HybridSettings, TokenizeSettings, TrainSettings
-from tests.conftest import ROOT
-from tests.test_data import LOG, TRACE_FIELDS, TRACES, build_dataset
-
-SEQ = 256
-
-
-def tokenized(root: Path, tokenizer: Path, settings: TokenizeSettings, rows: int = 8,
-              **dataset) -> Path:
-    from tasks.tokenize import tokenize_dataset
-
-    subset = root / "traces.jsonl"
-    subset.write_text("".join(TRACES.read_text().splitlines(keepends=True)[:rows]))
-    build_dataset(root / "ds", sources=[DatasetSource(path=str(subset), fields=TRACE_FIELDS)],
-                  **dataset)
-    out = root / "tok"
-    out.mkdir()
-    tokenize_dataset(settings, {"train": root / "ds" / "train.parquet"}, tokenizer, out, LOG)
-    return out
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_model_dir, tmp_path_factory) -> Path:
-    from megatron_bridge.convert import hf_to_mcore
-
-    out = tmp_path_factory.mktemp("mcore") / "ckpt"
-    hf_to_mcore(tiny_model_dir, out, 1, 1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def data(patched_tokenizer, tmp_path_factory) -> Path:
-    """8 real traces, truncated to 256-token rows (the prompt and the start of each answer)."""
-    return tokenized(tmp_path_factory.mktemp("data"), patched_tokenizer,
-                     TokenizeSettings(seq_length=SEQ, overlong="truncate", pack=False, workers=1))
-
-
-def job(converted: Path, data: Path, save: Path, metrics: str = "", **settings) -> TrainJob:
-    """A 4-step CPU job; `settings` are the train section's (`device` included: the job's is
-    the same)."""
-    base = dict(device="cpu", train_iters=4, global_batch_size=4, micro_batch_size=1, lr=1e-3,
-                min_lr=1e-4, lr_warmup_iters=1, save_interval=2, weight_decay=0.0, seed=7)
-    train = TrainSettings(**{**base, **settings})
-    return TrainJob(train=train, checkpoint=str(converted), data=str(data), save=str(save),
-                    device=train.device, metrics=metrics)
-
-
-def metrics(j: TrainJob) -> list[dict]:
-    return [json.loads(line) for line in j.metrics_path.read_text().splitlines()]
-
-
-def exported(save: Path, out: Path) -> dict[str, torch.Tensor]:
-    """The weights of a Megatron checkpoint folder, read back through the HF export."""
-    from megatron_bridge.convert import mcore_to_hf
-    from tests.test_megatron_bridge import load_folder
-
-    mcore_to_hf(save, out)
-    return load_folder(out)
-
-
-def assert_known_shims() -> None:
-    """Every CUDA request megatron-core made on this CPU box is a reviewed call site."""
-    unknown = sorted(set(compat.REDIRECTS) - set(compat.KNOWN_CALL_SITES))
-    assert not unknown, f"megatron-core asked for CUDA at unreviewed sites: {unknown}"
-
+from settings.models import HybridSettings, TokenizeSettings, TrainSettings
+from tests.conftest import ROOT, SEQ, assert_known_shims, exported, job, metrics, tokenized
 
 # -- the rows the model sees, against the text they came from -------------------------------------
 @pytest.fixture(scope="module")

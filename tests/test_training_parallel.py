@@ -19,8 +19,7 @@ import torch
 from megatron_bridge import compat
 from megatron_bridge.training.job import TrainJob
 from settings.models import TrainSettings
-from tests.conftest import ROOT
-from tests.test_training import converted, data, exported, job, metrics  # noqa: F401
+from tests.conftest import ROOT, exported, job, metrics, tiny_hf
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +60,6 @@ def tied(tmp_path_factory) -> Path:
     """A tiny Qwen2 whose output layer is its embedding: under PP they live on different
     stages, and their gradients must be summed."""
     from megatron_bridge.convert import hf_to_mcore
-    from tests.test_megatron_bridge import tiny_hf
 
     root = tmp_path_factory.mktemp("tied")
     out = root / "ckpt"
