@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 R1 = ROOT / "examples" / "tokenizers" / "deepseek-r1-distill-qwen-1.5b"  # config + real tokenizer
 TINY = {"num_hidden_layers": 2, "max_window_layers": 2, "hidden_size": 128,
         "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
-DRY_BIG = {"num_hidden_layers": 4, "max_window_layers": 4, "hidden_size": 256,
-           "intermediate_size": 1024, "num_attention_heads": 4, "num_key_value_heads": 2}
+DRY_BIG = {"num_hidden_layers": 2, "max_window_layers": 2, "hidden_size": 128,
+           "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def log(message: str) -> None:

@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
-from prefect.states import Failed
+from prefect.states import Failed, State
 
 from flows.notify import on_run_failed
 from flows.selection import Selection, resolve
@@ -99,8 +99,7 @@ def sft_pipeline(
     selection = Selection(from_stage, list(only or []), until, list(force or []))
     try:
         return _run(settings, selection, verify, log)
-    except UserError as e:
-        log.error("%s", e)
+    except UserError as e:  # a mistake found before or after the stages (plan, push)
         return Failed(message=str(e))
 
 
@@ -116,7 +115,8 @@ def rerun_stage(settings: PipelineSettings = PipelineSettings(), stage: StageNam
     return sft_pipeline(settings=settings, only=[stage], force=[stage], verify=verify)
 
 
-def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) -> dict[str, Manifest]:
+def _run(settings: PipelineSettings, selection: Selection, verify: bool,
+         log) -> dict[str, Manifest] | State:
     workdir = Path(settings.workdir).resolve()
     store = ArtifactStore(workdir)
     planned = plan_pipeline(settings, selection)
@@ -154,8 +154,8 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool, log) ->
         elif state.is_failed():
             failures.append(_failure(name, state, settings))
     _summary_artifact(manifests, status)
-    if failures:
-        raise UserError("; ".join(failures))
+    if failures:  # the failed stages' own lines, as the run's state
+        return Failed(message="; ".join(failures))
     if settings.export.push.repo and "export" in manifests:
         _push(manifests, settings, log)
     return manifests

@@ -37,7 +37,7 @@ def _rename_entry(entry: dict[str, Any], rename, where: str) -> bool:
     """Edit one added-token entry in place; True if it changed."""
     if entry["content"] not in (rename.original, rename.content):
         raise UserError(
-            f"patch_tokenizer: token {rename.id} in {where} is {entry['content']!r}, expected "
+            f"token {rename.id} in {where} is {entry['content']!r}, expected "
             f"{rename.original!r} (to patch) or {rename.content!r} (already patched): this is not "
             "the tokenizer the renames were written for; fix patch_tokenizer.renames or "
             "download.source"
