@@ -69,6 +69,34 @@ class DrillResult:
                 and not self.trusted_partial and not self.orphans and not self.partial_reused)
 
 
+def start_prefect_server(env: dict[str, str], log: Path,
+                         timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` (no UI) on a free loopback port, in its own session; returns the
+    process and its API URL once it answers."""
+    import urllib.request
+
+    from megatron_bridge.launch import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)], env={**env, "PREFECT_UI_ENABLED": "0"}, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return server, url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                killpg(server.pid)
+                server.wait()
+                raise RuntimeError(f"the Prefect server did not start; see {log}") from None
+            time.sleep(0.5)
+
+
 class Harness:
     """Runs `rsft run` as a user does, in a workdir under `root`, with `sets` applied to every
     run (the tests pass cheaper settings)."""
@@ -87,37 +115,17 @@ class Harness:
         self.env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                         PYTHONUNBUFFERED="1", COLUMNS="200")
         self.env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        self.env.pop("PREFECT_API_URL", None)
         self.live: list[subprocess.Popen] = []
         self.server: subprocess.Popen | None = None
 
-    def start_server(self, timeout: float = 300) -> str:
+    def start_server(self) -> str:
         """One Prefect API server for every run (as under a worker) instead of the ephemeral
-        server each `rsft run` starts for itself (~10 s each here)."""
-        import urllib.request
-
-        from megatron_bridge.launch import free_port
-
-        url = f"http://127.0.0.1:{free_port()}/api"
-        port = url.rsplit(":", 1)[1].split("/")[0]
-        with open(self.root / "prefect-server.log", "w") as out:
-            self.server = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                 "--port", port], env={**self.env, "PREFECT_UI_ENABLED": "0"}, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if self.server.poll() is not None or time.monotonic() > deadline:
-                    self.cleanup()
-                    raise RuntimeError("the Prefect server did not start; see "
-                                       f"{self.root / 'prefect-server.log'}") from None
-                time.sleep(0.5)
-        self.env["PREFECT_API_URL"] = url
-        return url
+        server each `rsft run` starts for itself (~10 s each here); an API already given in the
+        environment (`PREFECT_API_URL`) is used as it is."""
+        if "PREFECT_API_URL" not in self.env:
+            self.server, self.env["PREFECT_API_URL"] = start_prefect_server(
+                self.env, self.root / "prefect-server.log")
+        return self.env["PREFECT_API_URL"]
 
     # running rsft ------------------------------------------------------------------------------
     def command(self, workdir: Path, *args: str) -> list[str]:
@@ -224,7 +232,8 @@ class Harness:
         r.volatile = volatile
         if rebuilt_after is not None:  # the stage was left partial: the rerun must rebuild it
             m = found[r.stage]
-            rebuilt = (f"{r.stage}: building" in log_text and isinstance(m, Manifest)
+            rebuilt = (re.search(rf"building \S*/artifacts/{r.stage}/", log_text) is not None
+                       and isinstance(m, Manifest)
                        and m.created_unix >= rebuilt_after)
             r.partial_reused = 0 if rebuilt else 1
         if left := list((work / "artifacts").glob("*/.tmp-*")):

@@ -96,13 +96,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cli_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for `rsft` subprocesses: their own Prefect home (database migrated once)."""
-    env = dict(os.environ)
-    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+def cli_env(tmp_path_factory):
+    """Environment for `rsft` subprocesses: their own Prefect home and one real `prefect server`
+    shared by all of them (each `rsft run` would otherwise start an ephemeral API, ~10 s)."""
+    from benchmarks.chaos_harness import killpg, start_prefect_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    server, env["PREFECT_API_URL"] = start_prefect_server(env, home / "server.log")
+    yield env
+    killpg(server.pid)
+    server.wait()
 
 
 def rsft(*args: str, cwd: Path, env: dict[str, str], timeout: int = 300,

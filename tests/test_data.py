@@ -183,14 +183,21 @@ def test_every_real_trace_masks_exactly_the_prompt_and_supervises_answer_plus_eo
             assert ids[-1] == hf.eos_token_id
 
 
+@pytest.fixture(scope="module")
+def packed(patched_tokenizer, traces_parquet, tmp_path_factory) -> tuple[Path, dict]:
+    """The 505 real traces tokenized and packed into 4096-token rows by one process."""
+    out = tmp_path_factory.mktemp("packed") / "train"
+    return out, tokenize_split(traces_parquet, patched_tokenizer, out,
+                               TokenizeSettings(seq_length=4096, workers=1))
+
+
 def test_packed_rows_keep_boundaries_and_read_back_with_indexed_dataset(
-        patched_tokenizer, traces_parquet, tmp_path):
+        patched_tokenizer, traces_parquet, packed):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    settings = TokenizeSettings(seq_length=4096, workers=1)
-    stats = tokenize_split(traces_parquet, patched_tokenizer, tmp_path / "train", settings)
-    ds = SFTDataset(tmp_path / "train")
-    raw = IndexedDataset(str(tmp_path / "train-tokens"))
+    prefix, stats = packed
+    ds = SFTDataset(prefix)
+    raw = IndexedDataset(f"{prefix}-tokens")
     assert len(raw.sequence_lengths) == stats["samples_out"] == 505
     assert len(ds) == stats["rows"] < 505  # packed
     masker = ChatMasker(patched_tokenizer)
@@ -212,12 +219,12 @@ def test_packed_rows_keep_boundaries_and_read_back_with_indexed_dataset(
 
 
 def test_output_bytes_do_not_depend_on_the_worker_count(patched_tokenizer, traces_parquet,
-                                                        tmp_path):
-    for workers in (1, 2):
-        tokenize_split(traces_parquet, patched_tokenizer, tmp_path / f"w{workers}",
-                       TokenizeSettings(seq_length=2048, workers=workers))
+                                                        packed, tmp_path):
+    one_process, _ = packed
+    tokenize_split(traces_parquet, patched_tokenizer, tmp_path / "w2",
+                   TokenizeSettings(seq_length=4096, workers=2))
     for suffix in ("-tokens.bin", "-tokens.idx", "-mask.bin", "-mask.idx"):
-        assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
+        assert Path(f"{one_process}{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
 
 
 def test_unpacked_layout_is_one_sample_per_row(patched_tokenizer, traces_parquet, tmp_path):
