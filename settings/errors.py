@@ -10,7 +10,6 @@ lighteval) reports it as one `error: <message>` line on stderr and exit status 2
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable
 
@@ -24,13 +23,13 @@ class UserError(ValueError):
 
 
 def exit_on_user_error(main: Callable[[], object]) -> int:
-    """Run a child process's work: 0 when it returns; on a UserError, print `error: …` (on global
-    rank 0 only, so a torchrun job reports it once) and return 2."""
+    """Run a child process's work: 0 when it returns; on a UserError, print `error: …` and return
+    2. Every rank of a torchrun job prints it: torchrun kills the other ranks as soon as one
+    exits, so rank 0 alone might never get to say it (the parent reads the last one)."""
     try:
         main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{PREFIX}{e}", file=sys.stderr, flush=True)
+        print(f"{PREFIX}{e}", file=sys.stderr, flush=True)
         return EXIT_STATUS
     return 0
 

@@ -32,6 +32,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: spread over processes (pytest-xdist), the longest work starts at once
+    and the quick tests fill the gaps at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One real (temporary) Prefect API server for all in-process flow runs of the session."""

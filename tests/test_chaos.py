@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.chaos_harness import DrillResult, Harness
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chaos")]  # one baseline run
 
 CHEAP = ["train.train_iters=2", "train.save_interval=1", "train.global_batch_size=1",
          "convert.verify=false", "export.verify=false",

@@ -161,6 +161,7 @@ def traces_parquet(tmp_path_factory) -> Path:
     return out / "train.parquet"
 
 
+@pytest.mark.xdist_group("traces")  # the 505 traces read and packed once
 def test_every_real_trace_masks_exactly_the_prompt_and_supervises_answer_plus_eos(
         patched_tokenizer, traces_parquet):
     from transformers import AutoTokenizer
@@ -191,6 +192,7 @@ def packed(patched_tokenizer, traces_parquet, tmp_path_factory) -> tuple[Path, d
                                TokenizeSettings(seq_length=4096, workers=1))
 
 
+@pytest.mark.xdist_group("traces")  # the 505 traces read and packed once
 def test_packed_rows_keep_boundaries_and_read_back_with_indexed_dataset(
         patched_tokenizer, traces_parquet, packed):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -218,6 +220,7 @@ def test_packed_rows_keep_boundaries_and_read_back_with_indexed_dataset(
         stats["tokens"] / (stats["rows"] * 4096))
 
 
+@pytest.mark.xdist_group("traces")  # the 505 traces read and packed once
 def test_output_bytes_do_not_depend_on_the_worker_count(patched_tokenizer, traces_parquet,
                                                         packed, tmp_path):
     one_process, _ = packed
@@ -227,6 +230,7 @@ def test_output_bytes_do_not_depend_on_the_worker_count(patched_tokenizer, trace
         assert Path(f"{one_process}{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
 
 
+@pytest.mark.xdist_group("traces")  # the 505 traces read and packed once
 def test_unpacked_layout_is_one_sample_per_row(patched_tokenizer, traces_parquet, tmp_path):
     stats = tokenize_split(traces_parquet, patched_tokenizer, tmp_path / "t",
                            TokenizeSettings(seq_length=4096, pack=False, workers=1))

@@ -32,7 +32,8 @@ import yaml
 from megatron_bridge.launch import free_port
 from tests.conftest import ROOT, settled_task_runs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),
+              pytest.mark.xdist_group("operations")]  # one server, worker and deployment run
 
 STAGES = ["download", "patch_tokenizer", "convert", "dataset", "tokenize", "train", "export",
           "evaluate"]

@@ -91,6 +91,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.xdist_group("one_process")  # the references are trained once
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_processes_match_one(one_process, tmp_path, layout):
     model, changes = LAYOUTS[layout]

@@ -1,5 +1,5 @@
 """`python -m megatron_bridge.training JOB.json` (one process, or every rank under torchrun).
-A user mistake prints `error: <one line>` on rank 0 and exits 2, before any training step."""
+A user mistake prints `error: <one line>` (on every rank) and exits 2, before any training step."""
 
 from __future__ import annotations
 
