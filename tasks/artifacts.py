@@ -154,7 +154,8 @@ class ArtifactStore:
     """`<workdir>/artifacts`: publish, check and locate stage artifacts."""
 
     def __init__(self, workdir: Path):
-        self.root = Path(workdir).resolve() / "artifacts"
+        self.workdir = Path(workdir).resolve()
+        self.root = self.workdir / "artifacts"
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -162,7 +163,7 @@ class ArtifactStore:
     def scratch(self, stage: str, key: str) -> Path:
         """`<workdir>/scratch/<stage>/<key>`: a stage's resumable work in progress (training
         checkpoints), kept across failed attempts and never read as an artifact."""
-        return self.root.parent / "scratch" / stage / key
+        return self.workdir / "scratch" / stage / key
 
     def lock(self, stage: str, key: str) -> FileLock:
         """Serialises builders of one artifact across processes. An OS lock (flock): a killed

@@ -142,15 +142,15 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
             log.info("building %s (%s)", store.path(stage.name, plan.key), why)
         with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version,
                            stage.records) as build:
-            stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta, log,
-                                     store.scratch(stage.name, plan.key), store))
+            stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta,
+                                     log, store.scratch(stage.name, plan.key), store))
         assert build.manifest is not None
         try:
             verify_published(stage, build.manifest, store)
         except Exception as e:  # noqa: BLE001 - whatever the check raised, withdraw the artifact
             ArtifactStore.unpublish(build.manifest.dir)
-            raise UserError(f"the published artifact failed its verification "
-                            f"({type(e).__name__}: {e}); it was withdrawn: rerun to rebuild it") from e
+            raise UserError(f"the published artifact failed its verification ({type(e).__name__}: "
+                            f"{e}); it was withdrawn: rerun to rebuild it") from e
     finally:
         lock.release()
     log.info("published %s (%d files, %.1f MB)", build.manifest.dir, len(build.manifest.files),
@@ -216,7 +216,8 @@ def _show(stage: Stage, manifest: Manifest) -> None:
     """The stage's table and summary as Prefect artifacts of its task run."""
     key = stage.name.replace("_", "-")
     if stage.report and (rows := stage.report(manifest)):
-        create_table_artifact(rows, key=f"{key}-report", description=f"{stage.name}: {stage.description}")
+        create_table_artifact(rows, key=f"{key}-report",
+                              description=f"{stage.name}: {stage.description}")
     if stage.markdown:
         create_markdown_artifact(stage.markdown(manifest), key=f"{key}-summary",
                                  description=f"{stage.name}: {stage.description}")

@@ -79,14 +79,15 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def launch(settings: TrainSettings, job_path: Path, work: Path, device: str, log) -> None:
+def launch(settings: TrainSettings, job_path: Path, work: Path, workdir: Path, device: str,
+           log) -> None:
     """Run the job with the configured launcher (returns when every rank has finished)."""
     timeout = settings.timeout_minutes * 60
     run_id = f"rsft-{work.name}"
     if settings.launcher == "kubernetes":
         from tasks.kubernetes.launch import run_pytorchjob
 
-        run_pytorchjob(settings, job_path, work, run_id, device, timeout, log)
+        run_pytorchjob(settings, job_path, work, workdir, run_id, device, timeout, log)
         return
     if settings.launcher == "slurm":
         commands = [train_launch.slurm_command(settings, job_path, run_id)]
@@ -115,7 +116,7 @@ def build(ctx: BuildContext) -> None:
                  "from its latest checkpoint" if resumed else "fine-tuning the converted model")
     stop = _progress(job.metrics_path, settings.train_iters, ctx.log)
     try:
-        launch(settings, job_path, work, job.device, ctx.log)
+        launch(settings, job_path, work, ctx.store.workdir, job.device, ctx.log)
     finally:
         stop.set()
     iteration = int(checkpoint.read_tracker(save))

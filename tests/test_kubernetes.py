@@ -332,7 +332,7 @@ def test_missing_setting_is_one_line_and_nothing_happens(tmp_path: Path, fake_ku
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}", **kwargs)
     work = _work(tmp_path)
     with pytest.raises(UserError) as err:
-        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60,
+        run_pytorchjob(settings, work / "job.json", work, tmp_path / "w", RUN_ID, "cpu", 60,
                        logging.getLogger("t"))
     message = str(err.value)
     assert message.startswith(setting) and "\n" not in message
@@ -546,7 +546,7 @@ def _work(tmp_path: Path, device: str = "cpu") -> Path:
 def _run(fake: FakeKubectl, tmp_path: Path, log, *overrides: str, timeout: float = 60):
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake.path}", *overrides)
     work = _work(tmp_path)
-    run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", timeout, log)
+    run_pytorchjob(settings, work / "job.json", work, tmp_path / "w", RUN_ID, "cpu", timeout, log)
     return work
 
 
@@ -669,13 +669,13 @@ def test_kubectl_missing_or_cluster_unreachable(tmp_path: Path, fake_kubectl, lo
     work = _work(tmp_path)
     with pytest.raises(UserError, match=r"^train.kubernetes.kubectl: 'no-such-kubectl-here' not "
                                         r"found") as err:
-        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60, log)
+        run_pytorchjob(settings, work / "job.json", work, tmp_path / "w", RUN_ID, "cpu", 60, log)
     assert "\n" not in str(err.value) and not (work / "pytorchjob.yaml").exists()
 
     fake_kubectl.play(unreachable=True)
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}")
     with pytest.raises(UserError, match="cannot reach the cluster") as err:
-        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60, log)
+        run_pytorchjob(settings, work / "job.json", work, tmp_path / "w", RUN_ID, "cpu", 60, log)
     assert "\n" not in str(err.value) and "localhost:8080 was refused" in str(err.value)
     assert [c[0] for c in fake_kubectl.calls()] == ["get"]  # nothing created
 
@@ -687,7 +687,7 @@ def test_job_paths_outside_the_workdir_are_refused(tmp_path: Path, fake_kubectl,
     (work / "job.json").write_text(json.dumps(job))
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}")
     with pytest.raises(UserError, match="data /elsewhere/tokenize is outside the workdir"):
-        run_pytorchjob(settings, work / "job.json", work, RUN_ID, "cpu", 60, log)
+        run_pytorchjob(settings, work / "job.json", work, tmp_path / "w", RUN_ID, "cpu", 60, log)
     assert fake_kubectl.calls() == []
 
 
@@ -703,7 +703,7 @@ def test_the_train_stage_launches_through_here(tmp_path: Path, fake_kubectl, log
 
     settings = train_settings("tiny", f"train.kubernetes.kubectl={fake_kubectl.path}")
     work = _work(tmp_path)
-    launch(settings, work / "job.json", work, "cpu", log)
+    launch(settings, work / "job.json", work, tmp_path / "w", "cpu", log)
     applied = yaml.safe_load((fake_kubectl.dir / "applied.yaml").read_text())
     assert applied["metadata"]["name"] == f"rsft-{KEY}"
     assert _log_lines(work) == [text for _, text in LOG]

@@ -24,14 +24,14 @@ from tasks.kubernetes.manifest import manifest_yaml, pytorchjob_manifest
 from tasks.kubernetes.watch import JobWatch, job_condition
 
 
-def run_pytorchjob(settings: TrainSettings, job_path: Path, work: Path, run_id: str,
-                   device: str, timeout: float, log) -> None:
+def run_pytorchjob(settings: TrainSettings, job_path: Path, work: Path, workdir: Path,
+                   run_id: str, device: str, timeout: float, log) -> None:
     """Create the PyTorchJob for `job_path` (training on `device`), follow it, return when it
-    Succeeded. `work` is `<workdir>/scratch/train/<key>` on the shared volume. Raises UserError
+    Succeeded. `work` is the stage's scratch folder inside `workdir`, the shared volume's root
+    (mounted at the same path in the pods). Raises UserError
     for settings, cluster and trainer mistakes and timeouts, RuntimeError for a failed job;
     deletes the job on timeout, failure and cancellation."""
-    work = Path(work).absolute()
-    workdir = work.parents[2]  # <workdir>/scratch/train/<key>
+    work, workdir = Path(work).absolute(), Path(workdir).absolute()
     manifest = pytorchjob_manifest(settings, job_path, workdir, run_id, device)
     _check_job_paths(Path(job_path), workdir)
     kubectl = Kubectl(find_kubectl(settings.kubernetes.kubectl), settings.kubernetes.namespace)
