@@ -317,3 +317,24 @@ def stage_of(task_run_name: str) -> str:
 def artifact_dir(workdir: Path, stage: str) -> Path:
     (d,) = [p for p in (workdir / "artifacts" / stage).iterdir() if not p.name.startswith(".")]
     return d
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def log(request):
+    """A logger of its own whose messages the test reads back (`log.recorder.messages`)."""
+    logger = logging.getLogger(f"test-{request.node.name}-{os.getpid()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.recorder = Recorder()
+    logger.addHandler(logger.recorder)
+    yield logger
+    logger.removeHandler(logger.recorder)

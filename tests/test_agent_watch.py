@@ -4,7 +4,6 @@ the forwarded trainer lines and the run's outcome out; and the local launcher th
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -17,26 +16,6 @@ from tasks.agent_watch import TAIL_LINES, AgentWatch, latest_metrics
 
 TIMEOUT_MESSAGE = ("timed out after 2 min (train.timeout_minutes); rerun to resume from the "
                    "latest checkpoint")
-
-
-class Recorder(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def log():
-    logger = logging.getLogger("test-agent-watch")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    logger.recorder = Recorder()
-    logger.addHandler(logger.recorder)
-    yield logger
-    logger.removeHandler(logger.recorder)
 
 
 LINES = ["training: 1 node × 1 process, 2 steps\n",

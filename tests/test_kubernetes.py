@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shlex
 import sys
@@ -508,27 +507,6 @@ def fake_kubectl(tmp_path: Path, monkeypatch) -> FakeKubectl:
     monkeypatch.setattr(watch, "RECONNECT_SECONDS", 0.02)
     monkeypatch.setattr(watch, "LOG_DRAIN_SECONDS", 10.0)
     return fake
-
-
-class Recorder(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def log():
-    logger = logging.getLogger(f"test-kubernetes-job-{os.getpid()}")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    recorder = Recorder()
-    logger.addHandler(recorder)
-    logger.recorder = recorder
-    yield logger
-    logger.removeHandler(recorder)
 
 
 def _work(tmp_path: Path, device: str = "cpu") -> Path:
