@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,10 +191,7 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
     store = ArtifactStore(Path(workdir))
     try:
         slots = stage.gpus(section) if stage.gpus else 0
-        if slots:
-            with _gpu_slots(stage, slots, log):
-                manifest, built = execute(stage, section, plan, upstream, store, force, verify, log)
-        else:
+        with _gpu_slots(slots, log) if slots else nullcontext():
             manifest, built = execute(stage, section, plan, upstream, store, force, verify, log)
     except UserError as e:
         return Failed(message=f"{stage.name}: {e}")
@@ -201,7 +199,7 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
     return Completed(data=manifest) if built else Completed(name="Cached", data=manifest)
 
 
-def _gpu_slots(stage: Stage, slots: int, log):
+def _gpu_slots(slots: int, log):
     """Hold `slots` of the `gpu` limit (created, sized to this machine, if missing)."""
     import torch
 

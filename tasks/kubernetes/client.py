@@ -16,7 +16,7 @@ KUBECTL_TIMEOUT = 120.0
 
 
 class KubectlError(RuntimeError):
-    pass
+    """kubectl failed or did not answer in time (the message: its last stderr line)."""
 
 
 class Kubectl:
