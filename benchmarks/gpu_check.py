@@ -1,9 +1,9 @@
 """Device check: the one training step on a lent GPU, in one call (one H200: about 5 minutes).
 
 What it runs, each part in its own process, and prints (and writes to OUT/gpu_check.json):
-1. parity — a tiny Qwen2 (2 layers, hidden 128, the real 151936-token vocabulary) trained for a
-   few steps in bf16 on the GPU and in fp32 on the CPU (CUDA hidden): the first losses agree to
-   bf16 accuracy and the grad norms too;
+1. parity — a tiny Qwen2 (2 layers, hidden 128, the real 151936-token vocabulary; 512-token rows,
+   128 in the dry run) trained for a few steps in bf16 on the GPU and in fp32 on the CPU (CUDA
+   hidden): the first losses agree to bf16 accuracy and the grad norms too;
 2. conversion — a random Qwen2 of DeepSeek-R1-Distill-Qwen-1.5B's geometry (its config.json)
    converted HF → Megatron on the GPU and verified against transformers (max |Δlogit|, top-1);
 3. training — that model, bf16 with the distributed optimizer, at each sequence length (packed
@@ -120,13 +120,13 @@ def train(ckpt: Path, data: Path, save: Path, device: str, logs: Path, **job) ->
     return [json.loads(line) for line in spec.metrics_path.read_text().splitlines()]
 
 
-def parity(work: Path, device: str, steps: int) -> dict:
+def parity(work: Path, device: str, steps: int, seq: int) -> dict:
     """The same tiny run in bf16 on the device and in fp32 on the CPU."""
     hf, _ = make_hf(work / "tiny-hf", TINY, "float32", "cpu")
     ckpt = work / "tiny-mcore"
     convert(hf, ckpt, work)
     config = json.loads((hf / "config.json").read_text())
-    data = write_data(work / "tiny-data", 512, 4 * steps, config["vocab_size"],
+    data = write_data(work / "tiny-data", seq, 4 * steps, config["vocab_size"],
                       config["eos_token_id"])
     runs = {name: train(ckpt, data, work / f"tiny-{name}", dev, work, train_iters=steps,
                         precision=precision, lr=1e-3, min_lr=1e-4)
@@ -203,7 +203,7 @@ def main() -> int:
     log(f"environment: {report['env']}")
     with tempfile.TemporaryDirectory(prefix="rsft-gpu-check-") as tmp:
         work = Path(tmp)
-        for part, run in (("parity", lambda: parity(work, device, 3)),
+        for part, run in (("parity", lambda: parity(work, device, 3, 128 if args.dry_run else 512)),
                           ("big", lambda: big(work, device, seqs, args.steps, args.dry_run))):
             if part in args.skip:
                 continue

@@ -85,6 +85,11 @@ def run_bridge(args: list[str], layout: tuple[int, int] | None = None,
     if layout is not None:
         tp, pp = layout
         nproc = tp * pp
+        hf = Path(args[args.index("--hf") + 1]) if "--hf" in args else None
+        if args[0] == "hf2mcore" and hf and (hf / "config.json").is_file():
+            from megatron_bridge.build import check_layout, read_hf_config
+
+            check_layout(read_hf_config(hf), tp, pp)  # before starting TP×PP processes
         args = [*args, "--tp", str(tp), "--pp", str(pp)]
     check_devices(nproc)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
