@@ -363,6 +363,9 @@ def test_tokenize_dataset_writes_stats_for_both_splits(patched_tokenizer, tmp_pa
     assert stats["splits"]["train"]["samples_in"] == 56 and stats["splits"]["test"]["samples_in"] == 8
     assert 0.5 < stats["splits"]["train"]["supervised_fraction"] < 1
     assert SFTDataset(tmp_path / "tok" / "test").rows[-1] == 8
+    for split in ("train", "test"):
+        length = stats["splits"][split]["length"]
+        assert 0 < length["min"] <= length["mean"] <= length["max"], length
 
 
 def test_best_fit_decreasing_places_every_sample_once():

@@ -34,6 +34,9 @@ def test_builtin_is_deterministic_and_loads_with_transformers(tmp_path, tiny_mod
     build_builtin("tiny-qwen2", again)
     for f in ("model.safetensors", "config.json", "tokenizer.json"):
         assert sha256_file(again / f) == sha256_file(tiny_model_dir / f)
+    # The weights follow the umask like the other files (safetensors alone writes 0600).
+    modes = {f.name: f.stat().st_mode & 0o777 for f in again.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]} and modes["config.json"] & 0o044, modes
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["vocab_size"]) == (2, 64, 4, 2, 151936)
