@@ -243,26 +243,27 @@ def eval_cmd(
         "--tasks", help="TASK or TASK=SAMPLES, repeatable (default: the preset's tasks).")] = None,
     preset: Annotated[str, typer.Option(help="Preset or YAML file for the evaluate settings.")] = "tiny",
     set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override an evaluate setting, e.g. --set max_new_tokens=256.")] = None,
+        "--set", metavar="KEY=VALUE", help="Override a setting, as for `rsft run`, e.g. --set "
+        "evaluate.max_new_tokens=256 (repeatable).")] = None,
 ) -> None:
     """Run the evaluate stage alone: lighteval on an HF folder → scores and hybrid metrics."""
     from pydantic import ValidationError
 
     from settings.loader import format_validation_error, load_settings
+    from settings.models import EvalTask
     from tasks.evaluate import evaluate_model, hybrid_rows, score_rows
 
     try:
-        overrides = [f"evaluate.{a}" for a in set_ or []]
+        settings = load_settings(preset, set_).evaluate
         if task:
-            specs = [t.partition("=") for t in task]
-            tasks = ", ".join(f"{{name: '{n}', samples: {k or 1}}}" for n, _, k in specs)
-            overrides.append(f"evaluate.tasks=[{tasks}]")
-        settings = load_settings(preset, overrides).evaluate
+            try:
+                settings.tasks = [EvalTask(name=n, samples=k or 1)
+                                  for n, _, k in (t.partition("=") for t in task)]
+            except ValidationError as e:
+                raise UserError(format_validation_error(e, "--tasks")) from None
         if out.exists() and any(out.iterdir()):
             raise UserError(f"--out {out} is not empty; choose another folder")
         results = evaluate_model(settings, model, out)
-    except ValidationError as e:
-        fail(format_validation_error(e, "rsft eval"))
     except UserError as e:
         fail(str(e))
     for row in score_rows(results, None):

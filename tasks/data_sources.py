@@ -55,7 +55,9 @@ def local_files(path: str, field: str) -> list[Path]:
             raise UserError(f"{field}: {root} is not a .jsonl, .json or .parquet file")
         return [root]
     if not root.is_dir():
-        raise UserError(f"{field}: {root} does not exist")
+        from tasks.download import hub_hint
+
+        raise UserError(f"{field}: {root} does not exist" + hub_hint(path))
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:

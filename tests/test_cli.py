@@ -26,12 +26,28 @@ from tests.conftest import COMMIT, make_hf_cache, rsft
     (["settings", "show", "--set", "x"], "--set 'x': expected KEY=VALUE"),
     (["kubernetes", "manifest", "--set", "train.kubernetes.volume_claim=c"],
      "train.kubernetes.image is not set"),
+    (["run", "--set", "download.source=org/name"],
+     "local model directory {tmp}/org/name does not exist; did you mean hf://org/name?"),
+    (["run", "--set", "train.lr", "2e-5"], "--set 'train.lr': expected KEY=VALUE (write --set "
+     "train.lr=2e-5)"),
+    (["run", "--set", "learning_rate=2e-5"],
+     "--set learning_rate = '2e-5': unknown setting; did you mean train.lr?"),
+    (["run", "theirs.yaml"], "theirs.yaml: per_device_train_batch_size = 4: unknown setting; did "
+     "you mean train.micro_batch_size?"),
+    # `rsft eval` takes the same keys as `rsft run` (here they pass: the missing model is next)
+    (["eval", "--model", "m", "--out", "o", "--set", "evaluate.max_new_tokens=32"],
+     "{tmp}/m is not a Hugging Face model folder"),
+    (["eval", "--model", "m", "--out", "o", "--set", "max_new_tokens=32"],
+     "error: --set max_new_tokens = 32: unknown setting; did you mean evaluate.max_new_tokens?"),
+    (["eval", "--model", "m", "--out", "o", "--tasks", "aime24_local=x"],
+     "--tasks: samples = 'x': Input should be a valid integer"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(tmp_path, cli_env, args, message):
     (tmp_path / "bad.yaml").write_text("train: [1\n")
+    (tmp_path / "theirs.yaml").write_text("per_device_train_batch_size: 4\n")
     proc = rsft(*args, cwd=tmp_path, env=cli_env)
     assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rsft-work" / "artifacts").exists()

@@ -142,6 +142,14 @@ def test_bad_records_are_one_line_errors_or_counted_when_skipped(tmp_path, line,
     assert stats["train"] == 1 and sum(stats["sources"][0]["bad"].values()) == 1
 
 
+def test_a_hub_dataset_without_hf_scheme_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"open-r1/Mixture-of-Thoughts does not exist; did you "
+                       r"mean hf://open-r1/Mixture-of-Thoughts\?"):
+        dataset.fingerprint(DatasetSettings(sources=[DatasetSource(
+            path="open-r1/Mixture-of-Thoughts")]))
+
+
 def test_bad_settings_are_refused():
     from pydantic import ValidationError
 

@@ -94,6 +94,19 @@ def test_bad_local_sources_fail_clearly_and_publish_nothing(tmp_path, case, mess
     assert not list((tmp_path / "work").glob("artifacts/download/[!.]*"))
 
 
+def test_a_hub_name_without_hf_scheme_says_so(tmp_path, monkeypatch):
+    """`org/name` is read as a local path (it could be one); when none exists, name the fix."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        plan_key(download.STAGE, DownloadSettings(source="deepseek-ai/DeepSeek-R1@main"), {})
+    assert str(e.value) == (f"download.source: local model directory "
+                            f"{tmp_path}/deepseek-ai/DeepSeek-R1@main does not exist; did you mean "
+                            "hf://deepseek-ai/DeepSeek-R1@main?")
+    with pytest.raises(UserError) as e:  # a path that cannot be a repo gets no such hint
+        plan_key(download.STAGE, DownloadSettings(source="./models/x"), {})
+    assert "did you mean" not in str(e.value)
+
+
 def test_builtin_unknown_name():
     with pytest.raises(UserError, match="unknown built-in model 'builtin:nope'; built-ins: builtin:tiny-qwen2"):
         plan_key(download.STAGE, DownloadSettings(source="builtin:nope"), {})

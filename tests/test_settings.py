@@ -58,7 +58,77 @@ def test_every_problem_is_one_line():
     with pytest.raises(UserError) as e:
         load_settings("tiny", ["train.lr=abc", "train.bogus=1", "convert.tensor_parallel=0"])
     lines = str(e.value).splitlines()
-    assert len(lines) == 3 and all(line.startswith("tiny.yaml: ") for line in lines)
+    assert len(lines) == 3 and all(line.startswith("--set train.") or
+                                   line.startswith("--set convert.") for line in lines)
+
+
+def test_problems_name_what_the_user_wrote(tmp_path: Path):
+    """A file's problem names the file as given; an override's says `--set` (never the preset's
+    file, which the user did not pass)."""
+    f = tmp_path / "mine.yaml"
+    f.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UserError) as e:
+        load_settings(str(f), ["evaluate.max_new_tokens=0"])
+    assert str(e.value).splitlines() == [
+        f"{f}: train.lr = 'fast': Input should be a valid number, unable to parse string as a "
+        "number",
+        "--set evaluate.max_new_tokens = 0: Input should be greater than or equal to 1"]
+    with pytest.raises(UserError) as e:
+        load_settings(None, ["evaluate.evaluate.max_new_tokens=1"])
+    assert "tiny.yaml" not in str(e.value) and str(e.value).startswith("--set evaluate.evaluate")
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("learning_rate", "did you mean train.lr?"),
+    ("train.learning_rate", "did you mean train.lr?"),
+    ("max_length", "did you mean tokenize.seq_length?"),
+    ("tokenize.max_seq_length", "did you mean tokenize.seq_length?"),
+    ("num_train_epochs", "did you mean train.epochs?"),
+    ("per_device_train_batch_size", "did you mean train.micro_batch_size?"),
+    ("gradient_accumulation_steps", "did you mean train.global_batch_size? (global_batch_size = "
+     "micro_batch_size × accumulation steps × data-parallel size)"),
+    ("warmup_ratio", "did you mean train.lr_warmup_iters? (in steps: ratio × train.train_iters)"),
+    ("lr_scheduler_type", "did you mean train.lr_decay_style? (cosine, linear or constant; "
+     "cosine_with_min_lr is cosine down to train.min_lr)"),
+    ("dataset_name", "did you mean dataset.sources[].path? (as hf://org/name)"),
+    ("dataset.dataset_mixture", "did you mean dataset.sources? (a list of {path: hf://org/name, "
+     "name, split, weight, fields})"),
+    ("report_to", "did you mean train.report_to?"),
+    ("output_dir", "did you mean workdir? (every stage's artifacts live under it)"),
+    ("train.tensor-model-parallel-size", "did you mean train.tensor_parallel?"),
+    ("lr", "did you mean train.lr?"),  # ours, in another section
+    ("train.seq_length", "did you mean tokenize.seq_length?"),
+    ("max_new_tokens", "did you mean evaluate.max_new_tokens?"),
+])
+def test_other_tools_keys_name_ours(tmp_path: Path, key, hint):
+    with pytest.raises(UserError) as e:
+        load_settings("tiny", [f"{key}=2"])
+    assert str(e.value) == f"--set {key} = 2: unknown setting; {hint}"
+    # the same hint from a YAML file
+    section, _, leaf = key.rpartition(".")
+    f = tmp_path / "theirs.yaml"
+    f.write_text(f"{section}:\n  {leaf}: 2\n" if section else f"{leaf}: 2\n")
+    with pytest.raises(UserError) as e:
+        load_settings(str(f))
+    assert str(e.value) == f"{f}: {key} = 2: unknown setting; {hint}"
+
+
+def test_alias_targets_are_settings():
+    from settings.aliases import ALIASES, LEAVES
+
+    # train.epochs and train.report_to are another change's; they land with it.
+    pending = {"train.epochs", "train.report_to"}
+    targets = {a.key.replace("[]", "") for a in ALIASES.values()} - pending
+    known = {k for keys in LEAVES.values() for k in keys} | {
+        f"dataset.sources.{f}" for f in DatasetSource.model_fields}
+    assert targets <= known, targets - known
+
+
+def test_a_space_for_the_equals_sign_says_so():
+    """`--set train.lr 2e-5` leaves `2e-5` where the preset goes."""
+    with pytest.raises(UserError) as e:
+        load_settings("2e-5", ["train.lr"])
+    assert str(e.value) == "--set 'train.lr': expected KEY=VALUE (write --set train.lr=2e-5)"
 
 
 def test_unknown_preset_and_files(tmp_path: Path):
