@@ -107,9 +107,11 @@ def stages(
 def settings_show(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    docs: Annotated[bool, typer.Option(help="List every setting with its description.")] = False,
+    docs: Annotated[bool, typer.Option(
+        help="List every setting with its description, default and the chosen value.")] = False,
 ) -> None:
-    """Print the resolved settings as YAML (or, with --docs, what each setting means)."""
+    """Print the resolved settings as YAML (or, with --docs, what each setting means and its
+    value in the chosen preset or file)."""
     try:
         settings = load_settings(config, set_)
     except UserError as e:
@@ -117,7 +119,7 @@ def settings_show(
     if docs:
         from settings.docs import settings_reference
 
-        typer.echo(settings_reference())
+        typer.echo(settings_reference(settings))
     else:
         typer.echo(dump_settings(settings), nl=False)
 

@@ -7,6 +7,7 @@ Fields marked `affects_key=False` never change a stage's artifact key (secrets, 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -489,10 +490,13 @@ class PipelineSettings(Strict):
 
     name: str = "tiny"
     """Name of this configuration (the preset's name; shown in flow-run names)."""
-    workdir: Path = not_in_key(default=Path("rsft-work"))
+    workdir: Path = not_in_key(
+        default_factory=lambda: Path(os.environ.get("RSFT_WORKDIR") or "rsft-work"))
     """Root of the artifact store (`<workdir>/artifacts/<stage>/<key>/`) and the stages' scratch
     folders (`<workdir>/scratch/`: training checkpoints, logs). Relative paths are relative to the
-    current directory."""
+    current directory. Precedence: this setting when a settings file or `--set workdir=…` gives
+    it, else the environment variable `RSFT_WORKDIR` (pins one workdir whatever the current
+    directory), else `rsft-work`."""
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     patch_tokenizer: PatchTokenizerSettings = Field(default_factory=PatchTokenizerSettings)
     convert: ConvertSettings = Field(default_factory=ConvertSettings)

@@ -76,6 +76,10 @@ def test_settings_show_and_stages(tmp_path, cli_env):
     assert "lr: 2.0e-05" in shown and "seq_length: 16384" in shown
     docs = rsft("settings", "show", "--docs", cwd=tmp_path, env=cli_env, check=True).stdout
     assert "patch_tokenizer.generation_prompt_suffix" in docs
+    docs = rsft("settings", "show", "thinkless-warmup-1.5b", "--docs", cwd=tmp_path, env=cli_env,
+                check=True).stdout
+    assert "  tokenize.seq_length (int, default 16384)" in docs  # the preset's value
+    assert "  train.lr (float, thinkless-warmup-1.5b: 1e-05; default 0.001)" in docs
     table = rsft("stages", cwd=tmp_path, env={**cli_env, "COLUMNS": "200"}, check=True).stdout
     assert "download" in table and "patch_tokenizer" in table and "not built" in table
 

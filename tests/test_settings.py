@@ -153,6 +153,27 @@ def test_user_file_overrides_defaults(tmp_path: Path):
     assert s.name == "mine" and s.train.lr == 0.01 and s.download.source == "builtin:tiny-qwen2"
 
 
+def test_rsft_workdir_pins_the_workdir_unless_the_settings_give_one(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("RSFT_WORKDIR", raising=False)
+    assert load_settings("tiny").workdir == Path("rsft-work")
+    monkeypatch.setenv("RSFT_WORKDIR", str(tmp_path / "pinned"))
+    for preset in preset_names():
+        assert load_settings(preset).workdir == tmp_path / "pinned"
+    assert load_settings("tiny", ["workdir=mine"]).workdir == Path("mine")
+    f = tmp_path / "mine.yaml"
+    f.write_text("workdir: from-file\n")
+    assert load_settings(str(f)).workdir == Path("from-file")
+
+
+def test_docs_show_the_chosen_presets_values():
+    reference = settings_reference(load_settings("thinkless-warmup-1.5b", ["train.seed=7"]))
+    assert "  train.lr (float, thinkless-warmup-1.5b: 1e-05; default 0.001)\n" in reference
+    assert "  train.seed (int, thinkless-warmup-1.5b: 7; default 1234)\n" in reference
+    assert "  train.adam_beta1 (float, default 0.9)\n" in reference  # the preset keeps it
+    assert "  tokenize.seq_length (int, tiny: 2048; default 16384)" in settings_reference(
+        load_settings("tiny"))
+
+
 def _fields(model: type[BaseModel], prefix=""):
     for name, info in model.model_fields.items():
         ann = info.annotation
