@@ -45,8 +45,16 @@ def test_formats_normalise_to_the_same_messages(tmp_path):
                 [{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}])
     (tmp_path / "array.json").write_text(json.dumps([{"q": "Q", "a": "A"}]))
     pq.write_table(pa.Table.from_pylist([{"instruction": "Q", "output": "A"}]), tmp_path / "p.parquet")
+    # TRL's prompt-completion formats: conversational (lists of messages) and standard (text)
+    trl_chat = {"prompt": expected[:1], "completion": expected[1:]}
+    write_jsonl(tmp_path / "trl-chat.jsonl", [trl_chat])
+    write_jsonl(tmp_path / "trl-text.jsonl", [{"prompt": "Q", "completion": "A"}])
+    pq.write_table(pa.Table.from_pylist([{"query": expected[:1], "answer": expected[1:]}]),
+                   tmp_path / "trl.parquet")
     for name, fields in [("seed.jsonl", {}), ("chat.jsonl", {}), ("sharegpt.jsonl", {}),
-                         ("array.json", {"q": "user", "a": "assistant"}), ("p.parquet", {})]:
+                         ("array.json", {"q": "user", "a": "assistant"}), ("p.parquet", {}),
+                         ("trl-chat.jsonl", {}), ("trl-text.jsonl", {}),
+                         ("trl.parquet", {"query": "messages", "answer": "messages"})]:
         build_dataset(tmp_path / name.replace(".", "-"),
                       sources=[DatasetSource(path=str(tmp_path / name), fields=fields)])
         (row,) = rows(tmp_path / name.replace(".", "-") / "train.parquet")
@@ -159,6 +167,8 @@ def test_bad_settings_are_refused():
         DatasetSource(path="x.jsonl", fields={"q": "user"})
     with pytest.raises(ValidationError, match="a field maps to one of"):
         DatasetSource(path="x.jsonl", fields={"q": "robot"})
+    with pytest.raises(ValidationError, match="not both"):
+        DatasetSource(path="x.jsonl", fields={"prompt": "messages", "completion": "assistant"})
 
 
 # -- tokenize: masks on the real traces ------------------------------------------------------------
