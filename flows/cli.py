@@ -124,6 +124,54 @@ def settings_show(
         typer.echo(dump_settings(settings), nl=False)
 
 
+@settings_app.command("import-open-r1")
+def settings_import_open_r1(
+    recipe: Annotated[Path, typer.Argument(
+        help="An open-r1 SFT recipe (recipes/<model>/sft/config_*.yaml).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Settings file to write (default: <recipe name>.rsft.yaml here); the recipe's chat "
+        "template goes beside it.")] = None,
+    gpus: Annotated[int, typer.Option(
+        min=1, help="GPUs the recipe ran on (open-r1 uses 8): the global batch size is "
+        "per-device batch × accumulation × GPUs.")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Turn an open-r1 SFT recipe into our settings YAML; prints each key it did not map, and
+    why."""
+    import yaml
+    from pydantic import ValidationError
+
+    from settings.loader import format_validation_error, read_yaml
+    from settings.models import PipelineSettings
+    from settings.open_r1 import import_recipe
+
+    out = out or Path(f"{recipe.stem}.rsft.yaml")
+    try:
+        if not recipe.is_file():
+            raise UserError(f"{recipe} does not exist")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists; choose another or pass --overwrite")
+        template = out.with_name(f"{out.stem}.chat_template.jinja")
+        imported = import_recipe(read_yaml(recipe), recipe.stem, gpus, str(template))
+        try:
+            PipelineSettings.model_validate(imported.settings)
+        except ValidationError as e:
+            raise UserError(format_validation_error(e, f"imported from {recipe}")) from None
+    except UserError as e:
+        fail(str(e))
+    if imported.chat_template is not None:
+        template.write_text(imported.chat_template)
+    header = [f"# Imported from {recipe} by `rsft settings import-open-r1`."]
+    header += [f"# not mapped: {key}: {why}" for key, why in imported.not_mapped]
+    out.write_text("\n".join(header) + "\n" + yaml.safe_dump(
+        imported.settings, sort_keys=False, allow_unicode=True))
+    for key, why in imported.not_mapped:
+        typer.echo(f"not mapped: {key}: {why}")
+    for key, how in imported.notes:
+        typer.echo(f"note: {key}: {how}")
+    typer.echo(f"wrote {out}" + (f" and {template}" if imported.chat_template is not None else ""))
+
+
 @kubernetes_app.command("manifest")
 def kubernetes_manifest(
     config: ConfigArg = None,
