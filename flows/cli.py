@@ -3,6 +3,7 @@ exit 2; nothing is published for them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,32 @@ ConfigArg = Annotated[Optional[str], typer.Argument(
     "default: tiny.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set train.lr=1e-5 (repeatable).")]
+
+
+class OneErrorLine(logging.Filter):
+    """On the console of `rsft run`, a failed stage's message is printed once: as the run's last
+    line (`error: …`). Prefect would also print it in its task-failure line (with a stray
+    `NoneType: None`: it logs a returned Failed state with exc_info), in the task's final state
+    and in the flow's. The Prefect UI keeps all of them (its API handler is not filtered)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Task run failed with state"):
+            return False
+        if text.startswith("Finished in state Failed("):
+            # The API handler (on the run loggers) has sent the record already; the console
+            # (on the root logger) is the last to see it.
+            record.msg, record.args = "Finished in state Failed (its error is the last line)", ()
+        return True
+
+
+def quiet_repeated_errors() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, OneErrorLine) for f in handler.filters):
+            handler.addFilter(OneErrorLine())
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -64,6 +91,7 @@ def run(
         fail(str(e))
     from flows.pipeline import sft_pipeline
 
+    quiet_repeated_errors()
     state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
                          force=force, verify=verify, return_state=True)
     if state.is_failed():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import yaml
 
@@ -69,6 +70,14 @@ def test_unpatchable_tokenizer_exits_2_without_traceback(tmp_path, cli_env, tiny
                       "patch_tokenizer.renames or download.source"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list((tmp_path / "rsft-work/artifacts/patch_tokenizer").glob("[!.]*"))
+    # The console says it once (Prefect's own lines would repeat it thrice, plus a stray
+    # `NoneType: None`); the Prefect UI's log keeps the task's failure with its message.
+    assert (proc.stdout + proc.stderr).count("token 151650 in tokenizer.json is '<|other|>'") == 1
+    assert "NoneType: None" not in proc.stdout + proc.stderr
+    logs = httpx.post(f"{cli_env['PREFECT_API_URL']}/logs/filter",
+                      json={"limit": 200, "sort": "TIMESTAMP_DESC"}).json()
+    assert any("Finished in state Failed(" in x["message"] and "<|other|>" in x["message"]
+               for x in logs)
 
 
 def test_settings_show_and_stages(tmp_path, cli_env):
