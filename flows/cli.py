@@ -180,7 +180,11 @@ def settings_import_open_r1(
         if out.exists() and not overwrite:
             raise UserError(f"--out {out} exists; choose another or pass --overwrite")
         template = out.with_name(f"{out.stem}.chat_template.jinja")
-        imported = import_recipe(read_yaml(recipe), recipe.stem, gpus, str(template))
+        try:
+            imported = import_recipe(read_yaml(recipe), recipe.stem, gpus, str(template))
+        except (KeyError, TypeError, ValueError) as e:  # a value of the wrong shape
+            raise UserError(f"{recipe}: not readable as an open-r1 SFT recipe "
+                            f"({type(e).__name__}: {e})") from None
         try:
             PipelineSettings.model_validate(imported.settings)
         except ValidationError as e:

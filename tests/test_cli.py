@@ -43,10 +43,13 @@ from tests.conftest import COMMIT, make_hf_cache, rsft
      "error: --set max_new_tokens = 32: unknown setting; did you mean evaluate.max_new_tokens?"),
     (["eval", "--model", "m", "--out", "o", "--tasks", "aime24_local=x"],
      "--tasks: samples = 'x': Input should be a valid integer"),
+    (["settings", "import-open-r1", "mixture.yaml"],
+     "mixture.yaml: not readable as an open-r1 SFT recipe (KeyError: 'id')"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(tmp_path, cli_env, args, message):
     (tmp_path / "bad.yaml").write_text("train: [1\n")
     (tmp_path / "theirs.yaml").write_text("per_device_train_batch_size: 4\n")
+    (tmp_path / "mixture.yaml").write_text("dataset_mixture:\n  datasets:\n    - config: x\n")
     proc = rsft(*args, cwd=tmp_path, env=cli_env)
     assert proc.returncode == 2, proc.stderr
     assert message.format(tmp=tmp_path) in proc.stderr
