@@ -3,6 +3,7 @@ exit 2; nothing is published for them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,32 @@ ConfigArg = Annotated[Optional[str], typer.Argument(
     "default: tiny.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set train.lr=1e-5 (repeatable).")]
+
+
+class OneErrorLine(logging.Filter):
+    """On the console of `rsft run`, a failed stage's message is printed once: as the run's last
+    line (`error: …`). Prefect would also print it in its task-failure line (with a stray
+    `NoneType: None`: it logs a returned Failed state with exc_info), in the task's final state
+    and in the flow's. The Prefect UI keeps all of them (its API handler is not filtered)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Task run failed with state"):
+            return False
+        if text.startswith("Finished in state Failed("):
+            # The API handler (on the run loggers) has sent the record already; the console
+            # (on the root logger) is the last to see it.
+            record.msg, record.args = "Finished in state Failed (its error is the last line)", ()
+        return True
+
+
+def quiet_repeated_errors() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, OneErrorLine) for f in handler.filters):
+            handler.addFilter(OneErrorLine())
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -64,6 +91,7 @@ def run(
         fail(str(e))
     from flows.pipeline import sft_pipeline
 
+    quiet_repeated_errors()
     state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
                          force=force, verify=verify, return_state=True)
     if state.is_failed():
@@ -107,9 +135,11 @@ def stages(
 def settings_show(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    docs: Annotated[bool, typer.Option(help="List every setting with its description.")] = False,
+    docs: Annotated[bool, typer.Option(
+        help="List every setting with its description, default and the chosen value.")] = False,
 ) -> None:
-    """Print the resolved settings as YAML (or, with --docs, what each setting means)."""
+    """Print the resolved settings as YAML (or, with --docs, what each setting means and its
+    value in the chosen preset or file)."""
     try:
         settings = load_settings(config, set_)
     except UserError as e:
@@ -117,9 +147,61 @@ def settings_show(
     if docs:
         from settings.docs import settings_reference
 
-        typer.echo(settings_reference())
+        typer.echo(settings_reference(settings))
     else:
         typer.echo(dump_settings(settings), nl=False)
+
+
+@settings_app.command("import-open-r1")
+def settings_import_open_r1(
+    recipe: Annotated[Path, typer.Argument(
+        help="An open-r1 SFT recipe (recipes/<model>/sft/config_*.yaml).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Settings file to write (default: <recipe name>.rsft.yaml here); the recipe's chat "
+        "template goes beside it.")] = None,
+    gpus: Annotated[int, typer.Option(
+        min=1, help="GPUs the recipe ran on (open-r1 uses 8): the global batch size is "
+        "per-device batch × accumulation × GPUs.")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Turn an open-r1 SFT recipe into our settings YAML; prints each key it did not map, and
+    why."""
+    import yaml
+    from pydantic import ValidationError
+
+    from settings.loader import format_validation_error, read_yaml
+    from settings.models import PipelineSettings
+    from settings.open_r1 import import_recipe
+
+    out = out or Path(f"{recipe.stem}.rsft.yaml")
+    try:
+        if not recipe.is_file():
+            raise UserError(f"{recipe} does not exist")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists; choose another or pass --overwrite")
+        template = out.with_name(f"{out.stem}.chat_template.jinja")
+        try:
+            imported = import_recipe(read_yaml(recipe), recipe.stem, gpus, str(template))
+        except (KeyError, TypeError, ValueError) as e:  # a value of the wrong shape
+            raise UserError(f"{recipe}: not readable as an open-r1 SFT recipe "
+                            f"({type(e).__name__}: {e})") from None
+        try:
+            PipelineSettings.model_validate(imported.settings)
+        except ValidationError as e:
+            raise UserError(format_validation_error(e, f"imported from {recipe}")) from None
+    except UserError as e:
+        fail(str(e))
+    if imported.chat_template is not None:
+        template.write_text(imported.chat_template)
+    header = [f"# Imported from {recipe} by `rsft settings import-open-r1`."]
+    header += [f"# not mapped: {key}: {why}" for key, why in imported.not_mapped]
+    out.write_text("\n".join(header) + "\n" + yaml.safe_dump(
+        imported.settings, sort_keys=False, allow_unicode=True))
+    for key, why in imported.not_mapped:
+        typer.echo(f"not mapped: {key}: {why}")
+    for key, how in imported.notes:
+        typer.echo(f"note: {key}: {how}")
+    typer.echo(f"wrote {out}" + (f" and {template}" if imported.chat_template is not None else ""))
 
 
 @kubernetes_app.command("manifest")
@@ -243,26 +325,27 @@ def eval_cmd(
         "--tasks", help="TASK or TASK=SAMPLES, repeatable (default: the preset's tasks).")] = None,
     preset: Annotated[str, typer.Option(help="Preset or YAML file for the evaluate settings.")] = "tiny",
     set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override an evaluate setting, e.g. --set max_new_tokens=256.")] = None,
+        "--set", metavar="KEY=VALUE", help="Override a setting, as for `rsft run`, e.g. --set "
+        "evaluate.max_new_tokens=256 (repeatable).")] = None,
 ) -> None:
     """Run the evaluate stage alone: lighteval on an HF folder → scores and hybrid metrics."""
     from pydantic import ValidationError
 
     from settings.loader import format_validation_error, load_settings
+    from settings.models import EvalTask
     from tasks.evaluate import evaluate_model, hybrid_rows, score_rows
 
     try:
-        overrides = [f"evaluate.{a}" for a in set_ or []]
+        settings = load_settings(preset, set_).evaluate
         if task:
-            specs = [t.partition("=") for t in task]
-            tasks = ", ".join(f"{{name: '{n}', samples: {k or 1}}}" for n, _, k in specs)
-            overrides.append(f"evaluate.tasks=[{tasks}]")
-        settings = load_settings(preset, overrides).evaluate
+            try:
+                settings.tasks = [EvalTask(name=n, samples=k or 1)
+                                  for n, _, k in (t.partition("=") for t in task)]
+            except ValidationError as e:
+                raise UserError(format_validation_error(e, "--tasks")) from None
         if out.exists() and any(out.iterdir()):
             raise UserError(f"--out {out} is not empty; choose another folder")
         results = evaluate_model(settings, model, out)
-    except ValidationError as e:
-        fail(format_validation_error(e, "rsft eval"))
     except UserError as e:
         fail(str(e))
     for row in score_rows(results, None):

@@ -18,7 +18,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from megatron_bridge import checkpoint
-from megatron_bridge.files import staged_output
+from megatron_bridge.files import follow_umask, staged_output
 from megatron_bridge.build import DTYPES, build_model, check_layout, geometry, hf_dtype, param_rows, read_hf_config
 from settings.errors import UserError
 
@@ -182,6 +182,7 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
         split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
         for filename, names in split.filename_to_tensors.items():
             save_file({n: tensors[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+            follow_umask(tmp / filename)
         if split.is_sharded:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))

@@ -18,6 +18,25 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode a plain `open()` would: safetensors writes its files 0600, which
+    locks the rest of a team out of a model folder whose other files they can read."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out` to write into; renamed to `out` when the block completes,

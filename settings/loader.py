@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from settings.aliases import did_you_mean
 from settings.errors import UserError
 from settings.models import PipelineSettings
 
@@ -49,11 +50,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def check_overrides(overrides: list[str], name_or_file: str | None) -> None:
+    """Every override is KEY=VALUE. `--set train.lr 2e-5` (a space for the `=`) leaves the value
+    where the preset goes; say so, rather than that `2e-5` is an unknown preset."""
+    for assignment in overrides:
+        dotted, sep, _ = assignment.partition("=")
+        if sep and dotted.strip():
+            continue
+        stray = name_or_file and not _resolvable(name_or_file)
+        fix = f"write --set {assignment}={name_or_file}" if stray else "e.g. train.lr=1e-5"
+        raise UserError(f"--set '{assignment}': expected KEY=VALUE ({fix})")
+
+
+def _resolvable(name_or_file: str) -> bool:
+    return Path(name_or_file).exists() or (PRESETS_DIR / f"{name_or_file}.yaml").is_file()
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply `a.b.c=value` in place; the value is parsed as a YAML scalar/flow value."""
-    dotted, sep, raw = assignment.partition("=")
-    if not sep or not dotted.strip():
-        raise UserError(f"--set '{assignment}': expected KEY=VALUE, e.g. train.lr=1e-5")
+    check_overrides([assignment], None)
+    dotted, _, raw = assignment.partition("=")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -68,8 +84,15 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
-    """One line per problem: field path, the value given, what is allowed."""
+def _overlaps(loc: str, key: str) -> bool:
+    return loc == key or loc.startswith(f"{key}.") or key.startswith(f"{loc}.")
+
+
+def format_validation_error(err: ValidationError, origin: str,
+                            overridden: list[str] = ()) -> str:
+    """One line per problem: where it comes from (`origin`, or `--set` for a problem under one
+    of the `overridden` dotted keys), field path, the value given, what is allowed; an unknown
+    key another tool spells that way names ours."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -77,20 +100,28 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             f" = {e.get('input')!r}")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown setting (see `rsft settings show --docs` for the valid keys)"
-        lines.append(f"{origin}: {loc}{given}: {msg}")
+            hint = did_you_mean(e["loc"])
+            msg = "unknown setting" + (f"; {hint}" if hint else
+                                       " (see `rsft settings show --docs` for the valid keys)")
+        where = ("--set " if any(_overlaps(loc, k) for k in overridden) else f"{origin}: ")
+        lines.append(f"{where}{loc}{given}: {msg}")
     return "\n".join(lines)
 
 
 def load_settings(name_or_file: str | None = None, overrides: list[str] | None = None) -> PipelineSettings:
+    overrides = list(overrides or [])
+    check_overrides(overrides, name_or_file)
     path = resolve_config(name_or_file)
     data = read_yaml(path)
-    for assignment in overrides or []:
+    for assignment in overrides:
         apply_override(data, assignment)
     try:
         return PipelineSettings.model_validate(data)
     except ValidationError as err:
-        raise UserError(format_validation_error(err, path.name)) from None
+        # Name what the user wrote: their file, or the preset (not its file) they chose.
+        origin = str(path) if path.parent != PRESETS_DIR else f"preset {path.stem}"
+        keys = [a.partition("=")[0].strip() for a in overrides]
+        raise UserError(format_validation_error(err, origin, keys)) from None
 
 
 def dump_settings(settings: PipelineSettings) -> str:

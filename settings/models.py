@@ -7,6 +7,7 @@ Fields marked `affects_key=False` never change a stage's artifact key (secrets, 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -139,8 +140,10 @@ class DatasetSource(Strict):
     """Split to read (Hub datasets and local folders with split-named files)."""
     fields: dict[str, str] = Field(default_factory=dict)
     """Columns → roles for flat records, e.g. `{problem: user, generated_solution: assistant}`;
-    or `{conversations: messages}` to name a chat column. Empty: detected — a `messages` or
-    `conversations` column (roles `role`/`content` or ShareGPT `from`/`value`), else
+    or chat columns → `messages`, e.g. `{conversations: messages}` (several are joined in this
+    order: `{prompt: messages, completion: messages}`). Empty: detected — a `messages` or
+    `conversations` column (roles `role`/`content` or ShareGPT `from`/`value`), else TRL's
+    `prompt` + `completion` (lists of messages: joined; text: user and assistant), else
     `instruction` (+ `input`) → user and `output` → assistant (the seed's format)."""
 
     @field_validator("path")
@@ -159,8 +162,8 @@ class DatasetSource(Strict):
         if bad := [f"{k}: {r}" for k, r in v.items() if r not in allowed]:
             raise ValueError(f"{', '.join(bad)}: a field maps to one of {', '.join(allowed)}")
         roles = list(v.values())
-        if "messages" in roles and len(roles) > 1:
-            raise ValueError("map one chat column to `messages`, or flat columns to roles, not both")
+        if "messages" in roles and any(r != "messages" for r in roles):
+            raise ValueError("map chat columns to `messages`, or flat columns to roles, not both")
         if "messages" not in roles and roles and "assistant" not in roles:
             raise ValueError("no field maps to `assistant`: there would be nothing to train on")
         return v
@@ -489,10 +492,13 @@ class PipelineSettings(Strict):
 
     name: str = "tiny"
     """Name of this configuration (the preset's name; shown in flow-run names)."""
-    workdir: Path = not_in_key(default=Path("rsft-work"))
+    workdir: Path = not_in_key(
+        default_factory=lambda: Path(os.environ.get("RSFT_WORKDIR") or "rsft-work"))
     """Root of the artifact store (`<workdir>/artifacts/<stage>/<key>/`) and the stages' scratch
     folders (`<workdir>/scratch/`: training checkpoints, logs). Relative paths are relative to the
-    current directory."""
+    current directory. Precedence: this setting when a settings file or `--set workdir=…` gives
+    it, else the environment variable `RSFT_WORKDIR` (pins one workdir whatever the current
+    directory), else `rsft-work`."""
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     patch_tokenizer: PatchTokenizerSettings = Field(default_factory=PatchTokenizerSettings)
     convert: ConvertSettings = Field(default_factory=ConvertSettings)

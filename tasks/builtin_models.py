@@ -9,6 +9,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from megatron_bridge.files import follow_umask
 from settings.errors import UserError
 from tasks.artifacts import sha256_file
 
@@ -65,6 +66,8 @@ def build_builtin(name: str, out: Path) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
+    for weights in Path(out).glob("*.safetensors"):
+        follow_umask(weights)
     for f in TOKENIZER_FILES:
         shutil.copyfile(folder / f, out / f)  # the real generation config, not a generated one
     n_params = sum(p.numel() for p in model.parameters())

@@ -3,8 +3,8 @@
 Sources: local JSON / JSONL / Parquet files or folders, Hub datasets (`hf://org/name@rev`, pinned
 to a commit and read through the local HF cache with `datasets`), and `builtin:` examples.
 Records become `[{"role", "content"}, …]` through a field map or by format detection
-(`messages` / `conversations` columns incl. ShareGPT `from`/`value`, or the seed's
-`instruction`/`input`/`output`). A record that cannot be used raises `BadRecord` with its
+(`messages` / `conversations` columns incl. ShareGPT `from`/`value`, TRL's `prompt`/`completion`
+as lists of messages or as text, or the seed's `instruction`/`input`/`output`). A record that cannot be used raises `BadRecord` with its
 location (`file:line`); the caller decides whether that stops the run or is counted.
 """
 
@@ -55,7 +55,9 @@ def local_files(path: str, field: str) -> list[Path]:
             raise UserError(f"{field}: {root} is not a .jsonl, .json or .parquet file")
         return [root]
     if not root.is_dir():
-        raise UserError(f"{field}: {root} does not exist")
+        from tasks.download import hub_hint
+
+        raise UserError(f"{field}: {root} does not exist" + hub_hint(path))
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
@@ -203,16 +205,23 @@ SEED_FIELDS = {"instruction": "user", "output": "assistant"}
 
 def detect_fields(record: Any, where: str) -> dict[str, str]:
     """The field map of a source, from its first record: a `messages`/`conversations` chat
-    column, or the seed's `instruction`/`output` (+ optional `input`, `system`)."""
+    column, TRL's `prompt`/`completion` (conversational: lists of messages, joined; standard:
+    text, the user's and the assistant's), or the seed's `instruction`/`output` (+ optional
+    `input`, `system`)."""
     if isinstance(record, dict):
         for column in ("messages", "conversations"):
             if column in record:
                 return {column: "messages"}
+        if "prompt" in record and "completion" in record:
+            if isinstance(record["prompt"], str):
+                return {"prompt": "user", "completion": "assistant"}
+            return {"prompt": "messages", "completion": "messages"}
         if "instruction" in record and "output" in record:
             return dict(SEED_FIELDS)
     keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
     raise UserError(f"{where}: unknown record format (has: {keys}); expected `messages`, "
-                    "`conversations` or `instruction`+`output`, or set dataset.sources[].fields")
+                    "`conversations`, `prompt`+`completion` or `instruction`+`output`, or set "
+                    "dataset.sources[].fields")
 
 
 def to_messages(record: Any, fields: dict[str, str], where: str) -> list[dict[str, str]]:
@@ -223,10 +232,12 @@ def to_messages(record: Any, fields: dict[str, str], where: str) -> list[dict[st
         raise BadRecord(where, "not_object", f"record is {type(record).__name__}, not an object")
     chat = [k for k, role in fields.items() if role == "messages"]
     if chat:
-        value = record.get(chat[0])
-        if value is None:
-            _text(record, chat[0], where)  # raises "missing field"
-        messages = _chat(value, where)
+        messages = []
+        for column in chat:  # TRL's prompt + completion: one conversation
+            value = record.get(column)
+            if value is None:
+                _text(record, column, where)  # raises "missing field"
+            messages += _chat(value, where)
     else:
         by_role: dict[str, list[str]] = {}
         for key, role in fields.items():

@@ -97,10 +97,19 @@ def resolve_revision(repo: str, revision: str, token: str | None, repo_type: str
                         "a commit, or set HF_HUB_OFFLINE=1 to use the local cache") from None
 
 
+def hub_hint(source: str) -> str:
+    """`org/name` that is no local path reads like a Hub repo written without `hf://`."""
+    if (HF_SOURCE.match(f"hf://{source}") and not source.startswith((".", "~"))
+            and not Path(source).expanduser().exists()):
+        return f"; did you mean hf://{source}?"
+    return ""
+
+
 def local_dir(source: str) -> Path:
     path = Path(source).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(f"download.source: local model directory {path} does not exist")
+        raise UserError(f"download.source: local model directory {path} does not exist"
+                        + hub_hint(source))
     if not (path / "config.json").is_file():
         raise UserError(f"download.source: {path} is not a Hugging Face model folder "
                         "(no config.json)")

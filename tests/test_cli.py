@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
+import yaml
 
 from tests.conftest import COMMIT, make_hf_cache, rsft
 
@@ -26,12 +28,31 @@ from tests.conftest import COMMIT, make_hf_cache, rsft
     (["settings", "show", "--set", "x"], "--set 'x': expected KEY=VALUE"),
     (["kubernetes", "manifest", "--set", "train.kubernetes.volume_claim=c"],
      "train.kubernetes.image is not set"),
+    (["run", "--set", "download.source=org/name"],
+     "local model directory {tmp}/org/name does not exist; did you mean hf://org/name?"),
+    (["run", "--set", "train.lr", "2e-5"], "--set 'train.lr': expected KEY=VALUE (write --set "
+     "train.lr=2e-5)"),
+    (["run", "--set", "learning_rate=2e-5"],
+     "--set learning_rate = '2e-5': unknown setting; did you mean train.lr?"),
+    (["run", "theirs.yaml"], "theirs.yaml: per_device_train_batch_size = 4: unknown setting; did "
+     "you mean train.micro_batch_size?"),
+    # `rsft eval` takes the same keys as `rsft run` (here they pass: the missing model is next)
+    (["eval", "--model", "m", "--out", "o", "--set", "evaluate.max_new_tokens=32"],
+     "{tmp}/m is not a Hugging Face model folder"),
+    (["eval", "--model", "m", "--out", "o", "--set", "max_new_tokens=32"],
+     "error: --set max_new_tokens = 32: unknown setting; did you mean evaluate.max_new_tokens?"),
+    (["eval", "--model", "m", "--out", "o", "--tasks", "aime24_local=x"],
+     "--tasks: samples = 'x': Input should be a valid integer"),
+    (["settings", "import-open-r1", "mixture.yaml"],
+     "mixture.yaml: not readable as an open-r1 SFT recipe (KeyError: 'id')"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(tmp_path, cli_env, args, message):
     (tmp_path / "bad.yaml").write_text("train: [1\n")
+    (tmp_path / "theirs.yaml").write_text("per_device_train_batch_size: 4\n")
+    (tmp_path / "mixture.yaml").write_text("dataset_mixture:\n  datasets:\n    - config: x\n")
     proc = rsft(*args, cwd=tmp_path, env=cli_env)
     assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rsft-work" / "artifacts").exists()
@@ -52,6 +73,14 @@ def test_unpatchable_tokenizer_exits_2_without_traceback(tmp_path, cli_env, tiny
                       "patch_tokenizer.renames or download.source"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list((tmp_path / "rsft-work/artifacts/patch_tokenizer").glob("[!.]*"))
+    # The console says it once (Prefect's own lines would repeat it thrice, plus a stray
+    # `NoneType: None`); the Prefect UI's log keeps the task's failure with its message.
+    assert (proc.stdout + proc.stderr).count("token 151650 in tokenizer.json is '<|other|>'") == 1
+    assert "NoneType: None" not in proc.stdout + proc.stderr
+    logs = httpx.post(f"{cli_env['PREFECT_API_URL']}/logs/filter",
+                      json={"limit": 200, "sort": "TIMESTAMP_DESC"}).json()
+    assert any("Finished in state Failed(" in x["message"] and "<|other|>" in x["message"]
+               for x in logs)
 
 
 def test_settings_show_and_stages(tmp_path, cli_env):
@@ -60,8 +89,105 @@ def test_settings_show_and_stages(tmp_path, cli_env):
     assert "lr: 2.0e-05" in shown and "seq_length: 16384" in shown
     docs = rsft("settings", "show", "--docs", cwd=tmp_path, env=cli_env, check=True).stdout
     assert "patch_tokenizer.generation_prompt_suffix" in docs
+    docs = rsft("settings", "show", "thinkless-warmup-1.5b", "--docs", cwd=tmp_path, env=cli_env,
+                check=True).stdout
+    assert "  tokenize.seq_length (int, default 16384)" in docs  # the preset's value
+    assert "  train.lr (float, thinkless-warmup-1.5b: 1e-05; default 0.001)" in docs
     table = rsft("stages", cwd=tmp_path, env={**cli_env, "COLUMNS": "200"}, check=True).stdout
     assert "download" in table and "patch_tokenizer" in table and "not built" in table
+
+
+OPEN_R1_RECIPE = """\
+# Model arguments
+model_name_or_path: Qwen/Qwen2.5-Math-7B
+model_revision: v3.0
+torch_dtype: bfloat16
+attn_implementation: flash_attention_2
+
+# Data training arguments
+chat_template: "{%- for message in messages %}{{ '<|im_start|>' + message.role + '\\n' + \\
+  message.content + '<|im_end|>\\n' }}{%- endfor %}"
+dataset_mixture:
+  datasets:
+    - id: open-r1/Mixture-of-Thoughts
+      config: math
+      split: train
+      columns:
+        - messages
+      weight: 0.5
+  seed: 42
+  test_split_size: 0.02
+dataset_num_proc: 12
+eos_token: <|im_end|>
+
+# SFT trainer config
+bf16: true
+do_eval: false
+eval_strategy: 'no'
+gradient_accumulation_steps: 8
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+hub_model_id: OpenR1-Distill-7B
+hub_strategy: every_save
+learning_rate: 4.0e-05
+log_level: info
+logging_steps: 1
+logging_strategy: steps
+lr_scheduler_type: cosine_with_min_lr
+lr_scheduler_kwargs:
+  min_lr_rate: 0.1
+packing: false
+max_grad_norm: 0.2
+max_length: 32768
+max_steps: -1
+num_train_epochs: 5
+output_dir: data/OpenR1-Distill-7B
+overwrite_output_dir: true
+per_device_eval_batch_size: 1
+per_device_train_batch_size: 2
+push_to_hub: true
+report_to:
+- wandb
+save_strategy: epoch
+save_total_limit: 1
+seed: 42
+use_liger_kernel: true
+warmup_ratio: 0.03
+weight_decay: 0.0
+wandb_entity: huggingface
+wandb_project: open-r1
+"""
+
+
+def test_an_open_r1_recipe_imports_to_settings_rsft_accepts(tmp_path, cli_env):
+    from settings.models import TrainSettings
+
+    (tmp_path / "config_distill.yaml").write_text(OPEN_R1_RECIPE)
+    proc = rsft("settings", "import-open-r1", "config_distill.yaml", "--gpus", "8", cwd=tmp_path,
+                env=cli_env, check=True)
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == ("wrote config_distill.rsft.yaml and "
+                         "config_distill.rsft.chat_template.jinja")
+    not_mapped = {line.split(": ")[1] for line in lines if line.startswith("not mapped: ")}
+    assert {"torch_dtype", "attn_implementation", "eos_token", "do_eval", "eval_strategy",
+            "hub_strategy", "overwrite_output_dir", "save_strategy", "use_liger_kernel",
+            "warmup_ratio", "wandb_entity", "wandb_project"} <= not_mapped
+    pending = {"num_train_epochs": "epochs", "report_to": "report_to"}  # another change's keys
+    for theirs, ours in pending.items():
+        assert (theirs in not_mapped) == (ours not in TrainSettings.model_fields)
+    shown = yaml.safe_load(rsft("settings", "show", "config_distill.rsft.yaml", cwd=tmp_path,
+                                env=cli_env, check=True).stdout)
+    assert shown["download"]["source"] == "hf://Qwen/Qwen2.5-Math-7B@v3.0"
+    assert shown["workdir"] == "data/OpenR1-Distill-7B"
+    assert shown["dataset"]["sources"][0]["path"] == "hf://open-r1/Mixture-of-Thoughts"
+    assert shown["tokenize"]["seq_length"] == 32768 and shown["tokenize"]["pack"] is False
+    train = shown["train"]
+    assert (train["lr"], train["min_lr"], train["lr_decay_style"]) == (4e-5, 4e-6, "cosine")
+    assert (train["micro_batch_size"], train["global_batch_size"]) == (2, 2 * 8 * 8)
+    assert (train["precision"], train["recompute"]) == ("bf16", "full")
+    template = tmp_path / shown["patch_tokenizer"]["chat_template_file"]
+    assert template.read_text().startswith("{%- for message in messages %}")
 
 
 @pytest.mark.slow

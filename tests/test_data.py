@@ -45,8 +45,16 @@ def test_formats_normalise_to_the_same_messages(tmp_path):
                 [{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}])
     (tmp_path / "array.json").write_text(json.dumps([{"q": "Q", "a": "A"}]))
     pq.write_table(pa.Table.from_pylist([{"instruction": "Q", "output": "A"}]), tmp_path / "p.parquet")
+    # TRL's prompt-completion formats: conversational (lists of messages) and standard (text)
+    trl_chat = {"prompt": expected[:1], "completion": expected[1:]}
+    write_jsonl(tmp_path / "trl-chat.jsonl", [trl_chat])
+    write_jsonl(tmp_path / "trl-text.jsonl", [{"prompt": "Q", "completion": "A"}])
+    pq.write_table(pa.Table.from_pylist([{"query": expected[:1], "answer": expected[1:]}]),
+                   tmp_path / "trl.parquet")
     for name, fields in [("seed.jsonl", {}), ("chat.jsonl", {}), ("sharegpt.jsonl", {}),
-                         ("array.json", {"q": "user", "a": "assistant"}), ("p.parquet", {})]:
+                         ("array.json", {"q": "user", "a": "assistant"}), ("p.parquet", {}),
+                         ("trl-chat.jsonl", {}), ("trl-text.jsonl", {}),
+                         ("trl.parquet", {"query": "messages", "answer": "messages"})]:
         build_dataset(tmp_path / name.replace(".", "-"),
                       sources=[DatasetSource(path=str(tmp_path / name), fields=fields)])
         (row,) = rows(tmp_path / name.replace(".", "-") / "train.parquet")
@@ -142,6 +150,14 @@ def test_bad_records_are_one_line_errors_or_counted_when_skipped(tmp_path, line,
     assert stats["train"] == 1 and sum(stats["sources"][0]["bad"].values()) == 1
 
 
+def test_a_hub_dataset_without_hf_scheme_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"open-r1/Mixture-of-Thoughts does not exist; did you "
+                       r"mean hf://open-r1/Mixture-of-Thoughts\?"):
+        dataset.fingerprint(DatasetSettings(sources=[DatasetSource(
+            path="open-r1/Mixture-of-Thoughts")]))
+
+
 def test_bad_settings_are_refused():
     from pydantic import ValidationError
 
@@ -151,6 +167,8 @@ def test_bad_settings_are_refused():
         DatasetSource(path="x.jsonl", fields={"q": "user"})
     with pytest.raises(ValidationError, match="a field maps to one of"):
         DatasetSource(path="x.jsonl", fields={"q": "robot"})
+    with pytest.raises(ValidationError, match="not both"):
+        DatasetSource(path="x.jsonl", fields={"prompt": "messages", "completion": "assistant"})
 
 
 # -- tokenize: masks on the real traces ------------------------------------------------------------
@@ -363,6 +381,9 @@ def test_tokenize_dataset_writes_stats_for_both_splits(patched_tokenizer, tmp_pa
     assert stats["splits"]["train"]["samples_in"] == 56 and stats["splits"]["test"]["samples_in"] == 8
     assert 0.5 < stats["splits"]["train"]["supervised_fraction"] < 1
     assert SFTDataset(tmp_path / "tok" / "test").rows[-1] == 8
+    for split in ("train", "test"):
+        length = stats["splits"][split]["length"]
+        assert 0 < length["min"] <= length["mean"] <= length["max"], length
 
 
 def test_best_fit_decreasing_places_every_sample_once():

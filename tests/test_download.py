@@ -34,6 +34,9 @@ def test_builtin_is_deterministic_and_loads_with_transformers(tmp_path, tiny_mod
     build_builtin("tiny-qwen2", again)
     for f in ("model.safetensors", "config.json", "tokenizer.json"):
         assert sha256_file(again / f) == sha256_file(tiny_model_dir / f)
+    # The weights follow the umask like the other files (safetensors alone writes 0600).
+    modes = {f.name: f.stat().st_mode & 0o777 for f in again.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]} and modes["config.json"] & 0o044, modes
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["vocab_size"]) == (2, 64, 4, 2, 151936)
@@ -89,6 +92,19 @@ def test_bad_local_sources_fail_clearly_and_publish_nothing(tmp_path, case, mess
     with pytest.raises(UserError, match=message):
         run_download(tmp_path, source=str(src))
     assert not list((tmp_path / "work").glob("artifacts/download/[!.]*"))
+
+
+def test_a_hub_name_without_hf_scheme_says_so(tmp_path, monkeypatch):
+    """`org/name` is read as a local path (it could be one); when none exists, name the fix."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        plan_key(download.STAGE, DownloadSettings(source="deepseek-ai/DeepSeek-R1@main"), {})
+    assert str(e.value) == (f"download.source: local model directory "
+                            f"{tmp_path}/deepseek-ai/DeepSeek-R1@main does not exist; did you mean "
+                            "hf://deepseek-ai/DeepSeek-R1@main?")
+    with pytest.raises(UserError) as e:  # a path that cannot be a repo gets no such hint
+        plan_key(download.STAGE, DownloadSettings(source="./models/x"), {})
+    assert "did you mean" not in str(e.value)
 
 
 def test_builtin_unknown_name():

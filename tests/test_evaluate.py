@@ -141,9 +141,9 @@ def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folde
     del config["do_sample"]  # a folder that does not ask for sampling is still sampled
     (hf_folder / "generation_config.json").write_text(json.dumps(config))
     out = tmp_path / "eval"
+    quick = ["--set", "evaluate.max_problems=2", "--set", "evaluate.max_new_tokens=8"]
     proc = rsft("eval", "--model", str(hf_folder), "--out", str(out), "--tasks", "math_500_local=2",
-                "--set", "max_problems=2", "--set", "max_new_tokens=8", cwd=tmp_path, env=cli_env,
-                timeout=600, check=True)
+                *quick, cwd=tmp_path, env=cli_env, timeout=600, check=True)
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == {"math_500_local": 2} and results["backend"] == "transformers"
     assert "pass@k:k=1&n=2" in results["scores"]["math_500_local"]
@@ -154,7 +154,7 @@ def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folde
     assert "math_500_local" in proc.stdout and "mode" in proc.stdout
     # sampled, yet reproducible: the same seed gives the same samples in a new process
     rsft("eval", "--model", str(hf_folder), "--out", str(tmp_path / "again"), "--tasks",
-         "math_500_local=2", "--set", "max_problems=2", "--set", "max_new_tokens=8", cwd=tmp_path,
+         "math_500_local=2", *quick, cwd=tmp_path,
          env=cli_env, timeout=600, check=True)
     again = pd.read_parquet(tmp_path / "again" / "details" / "math_500_local.parquet")
     assert [list(r["text"]) for r in again["model_response"]] == \

@@ -105,6 +105,9 @@ def test_sharded_hf_input_and_sharded_export(tmp_path):
     info = mcore_to_hf(tmp_path / "mcore", tmp_path / "back", max_shard_size="15MB")
     assert info["shards"] > 1 and (tmp_path / "back/model.safetensors.index.json").is_file()
     assert_bit_exact(hf, tmp_path / "back")
+    # The weights follow the umask like the rest of the folder (safetensors alone writes 0600).
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "back").iterdir()}
+    assert set(modes.values()) == {modes["config.json"]} and modes["config.json"] & 0o044, modes
     with pytest.raises(ValueError, match="already exists and is not empty"):
         mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
 
