@@ -144,10 +144,10 @@ def _export_next(settings: PipelineSettings, export: Manifest, manifests: dict[s
                             f"export.iteration={earlier[-1]}")
             lines.append(f"{other}   # export (and score) another kept checkpoint: "
                          f"{', '.join(map(str, earlier))}")
-    load = (f"from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            f"model = AutoModelForCausalLM.from_pretrained({folder!r}); "
-            f"tokenizer = AutoTokenizer.from_pretrained({folder!r})")
-    lines.append(f"python -c {shlex.quote(load)}   # load it with transformers")
+    load = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])")
+    lines.append(f'python -c "{load}" {shlex.quote(folder)}   # load it with transformers')
     return lines
 
 
