@@ -59,8 +59,10 @@ def summary(settings: PipelineSettings, selection: Selection, manifests: dict[st
     if export is not None:
         lines.append(f"{'export':<10}{export.dir}")
     if failed:
+        resumes = ", training resumes from its latest checkpoint" if (
+            "train" not in manifests and any(ln.startswith("train") for ln in lines)) else ""
         nexts.append(f"{_rerun(config, overrides, selection)}   # after fixing the error: built "
-                     "stages are reused, training resumes from its latest checkpoint")
+                     f"stages are reused{resumes}")
     elif selection.until or selection.only:
         nexts.append(f"{command(config, overrides)}   # the rest of the pipeline (built stages "
                      "are reused)")
