@@ -86,26 +86,52 @@ def run(
         from flows.pipeline import plan_pipeline
         from flows.selection import Selection
 
-        plan_pipeline(settings, Selection(from_stage, list(only or []), until, list(force or [])))
+        selection = Selection(from_stage, list(only or []), until, list(force or []))
+        plan_pipeline(settings, selection)
     except UserError as e:
         fail(str(e))
     from flows.pipeline import sft_pipeline
+    from flows.summary import built_artifacts, summary
 
     quiet_repeated_errors()
     state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
                          force=force, verify=verify, return_state=True)
+    run_name = _flow_run_name(state)
     if state.is_failed():
         # A user mistake fails the flow with its one-line message (exit 2); anything else is a
         # bug whose traceback Prefect has already logged (exit 1).
         bug = isinstance(state.result(raise_on_failure=False), BaseException)
+        try:  # what the run built and how to go on; never in the way of the error itself
+            _echo_lines(summary(settings, selection, built_artifacts(settings, selection),
+                                config, list(set_ or []), run_name, failed=True))
+        except Exception as e:  # noqa: BLE001
+            err.print(f"(no summary: {type(e).__name__}: {e})", highlight=False, soft_wrap=True)
         fail(state.message or "the pipeline failed (see the log above)", code=1 if bug else 2)
     manifests = state.result()
     table = Table(title=f"{settings.name}: artifacts")
-    for col in ("stage", "key", "size", "path"):
+    for col in ("stage", "key", "size"):
         table.add_column(col)
+    table.add_column("path", overflow="fold")  # whole, whatever the terminal's width
     for name, m in manifests.items():
         table.add_row(name, m.key, f"{m.size / 1e6:.1f} MB", m.path)
     Console().print(table)
+    _echo_lines(summary(settings, selection, manifests, config, list(set_ or []), run_name))
+
+
+def _echo_lines(lines: list[str]) -> None:
+    """Plain lines on stdout: never wrapped or cut (paths stay whole and copyable)."""
+    typer.echo("\n" + "\n".join(lines))
+
+
+def _flow_run_name(state) -> str | None:
+    """The flow run's name (as the Prefect UI lists it), or None if the API cannot say."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(state.state_details.flow_run_id).name
+    except Exception:  # noqa: BLE001 - only a convenience in the summary
+        return None
 
 
 @app.command()

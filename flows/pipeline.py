@@ -21,15 +21,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Failed, State
+from pydantic import ValidationError
 
 from flows.notify import on_run_failed
 from flows.selection import Selection, resolve
 from settings.errors import UserError
 from settings.models import HubPushSettings, PipelineSettings
+from settings.naming import run_label
 from tasks import BY_NAME, STAGE_NAMES, hub_push
 from tasks.artifacts import ArtifactStore, Manifest
 from tasks.retry import gave_up, is_transient, retry_options, retry_transient
-from tasks.stage import StagePlan, plan_key, stage_task
+from tasks.stage import StagePlan, plan_key, run_artifact_key, stage_task
 
 
 @dataclass
@@ -72,11 +74,17 @@ def status_table(settings: PipelineSettings, planned: list[PlannedStage],
 
 
 def _run_name() -> str:
+    """`<preset>-<what differs from it>-<start time>`, e.g. `tiny-lr2e-5-iters20-20261202-101500`
+    (`settings/naming.py`); artifact keys start with it (`tasks/stage.py:run_artifact_key`)."""
     from prefect.runtime import flow_run
 
-    settings = flow_run.parameters.get("settings") or {}
-    name = settings.get("name", "run") if isinstance(settings, dict) else settings.name
-    return f"{name}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+    settings = flow_run.parameters.get("settings") or PipelineSettings()
+    try:  # a deployment passes a dict; the flow validates it (and says what is wrong) next
+        label = run_label(PipelineSettings.model_validate(settings) if isinstance(settings, dict)
+                          else settings)
+    except ValidationError:
+        label = str(settings.get("name", "run"))
+    return f"{label}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
 
 
 @flow(name="sft-pipeline", flow_run_name=_run_name, log_prints=True,
@@ -189,7 +197,7 @@ def _push(manifests: dict[str, Manifest], settings: PipelineSettings, log) -> No
             raise UserError(gave_up("push", error, settings.retries)) from error
         raise error if isinstance(error, BaseException) else RuntimeError(state.message)
     result = state.result()
-    create_table_artifact([{"file": f} for f in result["files"]], key="push-files",
+    create_table_artifact([{"file": f} for f in result["files"]], key=run_artifact_key("push-files"),
                           description=f"{'pushed' if result['pushed'] else 'not pushed'} to "
                                       f"{result['repo']}@{result['revision']}")
 
@@ -201,5 +209,5 @@ def _summary_artifact(manifests: dict[str, Manifest], status: dict[str, str]) ->
             rows.append(f"| {name} | {status[name]} | `{m.key}` | {m.size / 1e6:.1f} MB | `{m.path}` |")
         else:
             rows.append(f"| {name} | {status[name]} | - | - | - |")
-    create_markdown_artifact("\n".join(rows), key="sft-pipeline-stages",
+    create_markdown_artifact("\n".join(rows), key=run_artifact_key("sft-pipeline-stages"),
                              description="Stage artifacts of this run")

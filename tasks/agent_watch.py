@@ -80,13 +80,22 @@ class AgentWatch:
         self._file.flush()
 
 
-def latest_metrics(path: Path) -> dict[str, Any] | None:
-    """The trainer's last complete record in metrics.jsonl (None before its first step). Only
-    lines ending in a newline count: the trainer may be writing the next one."""
+def recent_metrics(path: Path, count: int) -> list[dict[str, Any]]:
+    """The trainer's last `count` complete records in metrics.jsonl, oldest first ([] before its
+    first step). Only lines ending in a newline count: the trainer may be writing the next one."""
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # a record is far shorter
+            start = max(0, f.seek(0, os.SEEK_END) - 1024 * (count + 1))  # a record is far shorter
+            f.seek(start)
             lines = f.read().split(b"\n")[:-1]
     except FileNotFoundError:
-        return None
-    return json.loads(lines[-1]) if lines else None
+        return []
+    if start:  # the first line read may be the end of a record
+        lines = lines[1:]
+    return [json.loads(line) for line in lines[-count:]]
+
+
+def latest_metrics(path: Path) -> dict[str, Any] | None:
+    """The trainer's last complete record in metrics.jsonl (None before its first step)."""
+    records = recent_metrics(path, 1)
+    return records[-1] if records else None

@@ -12,6 +12,7 @@ comes back as a `Cached` state, so the UI still shows it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -210,14 +211,26 @@ def _gpu_slots(slots: int, log):
     return concurrency(GPU_LIMIT, occupy=slots, strict=True)
 
 
+def run_artifact_key(what: str) -> str:
+    """`<flow-run name>-<what>` as a Prefect artifact key (lowercase letters, digits, dashes):
+    each run's artifacts under keys of their own, so experiments never overwrite each other's
+    (the run name says what the experiment changed: `flows/pipeline.py:_run_name`). Outside a
+    flow run: `what`."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.get_name() if flow_run.get_id() else None
+    key = f"{run}-{what}" if run else what
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", key.lower())).strip("-")
+
+
 def _show(stage: Stage, manifest: Manifest) -> None:
     """The stage's table and summary as Prefect artifacts of its task run."""
     key = stage.name.replace("_", "-")
     if stage.report and (rows := stage.report(manifest)):
-        create_table_artifact(rows, key=f"{key}-report",
+        create_table_artifact(rows, key=run_artifact_key(f"{key}-report"),
                               description=f"{stage.name}: {stage.description}")
     if stage.markdown:
-        create_markdown_artifact(stage.markdown(manifest), key=f"{key}-summary",
+        create_markdown_artifact(stage.markdown(manifest), key=run_artifact_key(f"{key}-summary"),
                                  description=f"{stage.name}: {stage.description}")
 
 

@@ -11,18 +11,21 @@ with `metrics.jsonl`, `loss.png` and the log.
 
 from __future__ import annotations
 
+import base64
+import contextvars
 import json
 import os
 import shutil
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from settings.models import TrainSettings
 from tasks import train_launch
-from tasks.agent_watch import latest_metrics
+from tasks.agent_watch import recent_metrics
 from tasks.artifacts import Manifest
-from tasks.stage import BuildContext, Stage
+from tasks.stage import BuildContext, Stage, run_artifact_key
 
 
 def resolve_device(settings: TrainSettings) -> str:
@@ -37,41 +40,147 @@ def resolve_device(settings: TrainSettings) -> str:
     return settings.device
 
 
-def _progress(metrics: Path, total: int, log) -> threading.Event:
-    """Follow metrics.jsonl into a Prefect progress artifact (when in a Prefect run)."""
-    stop = threading.Event()
-    try:
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+LIVE_ROWS = 10
+"""Recent steps in the live table (and the step times the ETA is averaged over)."""
+TICK_SECONDS = 2.0
+"""How often the watcher reads metrics.jsonl and, when a step was added, updates the UI."""
 
-        artifact = create_progress_artifact(0.0, key="train-progress",
-                                            description="training steps done (%)")
-    except Exception:  # not inside a Prefect run (plain function call)
-        return stop
 
-    def follow() -> None:
-        done = -1
-        while not stop.wait(2.0):
-            record = latest_metrics(metrics)
-            step = record["step"] if record else 0
-            if step != done:
-                done = step
-                try:
-                    update_progress_artifact(artifact, 100.0 * step / total)
-                except Exception as e:  # the UI is informative; never fail training for it
-                    log.debug("progress artifact: %s", e)
+def eta_seconds(records: list[dict[str, Any]], total: int) -> float | None:
+    """Time left: the mean of the recent steps' `seconds` × the steps still to run (None before
+    the first record)."""
+    times = [r["seconds"] for r in records[-LIVE_ROWS:] if "seconds" in r]
+    if not times:
+        return None
+    return sum(times) / len(times) * max(0, total - records[-1]["step"])
 
-    threading.Thread(target=follow, daemon=True).start()
-    return stop
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+def progress_line(records: list[dict[str, Any]], total: int) -> str:
+    """`step 8/12, ETA 0:00:41, loss 2.3456` (the first line is what the UI's card shows)."""
+    if not records:
+        return f"step 0/{total}, starting"
+    last, eta = records[-1], eta_seconds(records, total)
+    line = f"step {last['step']}/{total}"
+    if last["step"] >= total:
+        line += ", done"
+    elif eta is not None:
+        line += f", ETA {_clock(eta)}"
+    if "loss" in last:
+        line += f", loss {last['loss']:.4f}"
+    return line
+
+
+def live_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recent steps, newest first: step, loss, val_loss (when any record has it), lr,
+    tokens/s."""
+    with_val = any("val_loss" in r for r in records)
+    rows = []
+    for r in reversed(records[-LIVE_ROWS:]):
+        row = {"step": r["step"], "loss": _round(r.get("loss"))}
+        if with_val:
+            row["val_loss"] = _round(r.get("val_loss"))
+        row.update(lr=r.get("lr"), tokens_per_s=r.get("tokens_per_s"))
+        rows.append(row)
+    return rows
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _live_description(records: list[dict[str, Any]], total: int) -> str:
+    val = [r for r in records if r.get("val_loss") is not None]
+    text = f"training: {progress_line(records, total)}"
+    if val:
+        text += f", val loss {val[-1]['val_loss']:.4f} (step {val[-1]['step']})"
+    return text + f"\n\nThe last {LIVE_ROWS} logged steps, newest first (updated while it trains)."
+
+
+class _Watch:
+    """Follows metrics.jsonl into two Prefect artifacts of the train task run while torchrun
+    runs: the progress (its description `step 8/12, ETA 0:00:41, …`) and a table of the recent
+    steps, both updated in place (new versions would list one card per update on the flow-run
+    page). It reads at most every TICK_SECONDS and never fails training."""
+
+    def __init__(self, metrics: Path, total: int, log):
+        self.metrics, self.total, self.log = metrics, total, log
+        self.stop = threading.Event()
+        self.done = -1
+        self.progress = self.table = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> _Watch:
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:  # a plain function call: no Prefect run to show it in
+            return self
+        try:
+            self.progress = create_progress_artifact(
+                0.0, key=run_artifact_key("train-progress"),
+                description=progress_line([], self.total))
+        except Exception as e:  # noqa: BLE001 - the UI is informative; training goes on
+            self.log.warning("train: no progress artifact (%s)", e)
+            return self
+        # the run's context, so the table is created in this task run too
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._follow,),
+                                       daemon=True, name="train-progress")
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop following, after one last update (the final step)."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _follow(self) -> None:
+        while True:
+            stopping = self.stop.wait(TICK_SECONDS)
+            try:
+                self.update(recent_metrics(self.metrics, LIVE_ROWS))
+            except Exception as e:  # noqa: BLE001 - never fail training for the UI
+                self.log.debug("train: progress artifacts: %s", e)
+            if stopping:
+                return
+
+    def update(self, records: list[dict[str, Any]]) -> None:
+        from prefect.artifacts import create_table_artifact, update_progress_artifact
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactUpdate
+
+        if not records or records[-1]["step"] == self.done:
+            return
+        self.done = records[-1]["step"]
+        update_progress_artifact(self.progress, min(100.0, 100.0 * self.done / self.total),
+                                 description=progress_line(records, self.total))
+        rows, description = live_rows(records), _live_description(records, self.total)
+        if self.table is None:
+            self.table = create_table_artifact(rows, key=run_artifact_key("train-live"),
+                                               description=description)
+        else:
+            with get_client(sync_client=True) as client:
+                client.update_artifact(self.table, ArtifactUpdate(
+                    data=json.dumps(rows), description=description))
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
+    """Training loss per step, and the validation loss where records have one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
+    train = [m for m in metrics if m.get("loss") is not None]
+    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train")
+    if val := [m for m in metrics if m.get("val_loss") is not None]:
+        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per supervised token)")
     fig.tight_layout()
@@ -114,11 +223,11 @@ def build(ctx: BuildContext) -> None:
     resumed = (save / checkpoint.TRACKER).is_file()
     ctx.log.info("train: %s in %s (%s)", "resuming" if resumed else "starting", work,
                  "from its latest checkpoint" if resumed else "fine-tuning the converted model")
-    stop = _progress(job.metrics_path, settings.train_iters, ctx.log)
+    watch = _Watch(job.metrics_path, settings.train_iters, ctx.log).start()
     try:
         launch(settings, job_path, work, ctx.store.workdir, job.device, ctx.log)
     finally:
-        stop.set()
+        watch.close()
     iteration = int(checkpoint.read_tracker(save))
     if iteration != settings.train_iters:
         raise RuntimeError(f"training stopped at iteration {iteration} of {settings.train_iters}")
@@ -143,19 +252,42 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _metrics(manifest: Manifest) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (manifest.dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def report(manifest: Manifest) -> list[dict[str, Any]]:
-    metrics = [json.loads(line) for line in (manifest.dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = _metrics(manifest)
     every = max(1, len(metrics) // 20)
-    return [{k: m[k] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb")}
+    columns = ["step", "loss", *(["val_loss"] if any("val_loss" in m for m in metrics) else []),
+               "lr", "grad_norm", "tokens_per_s", "memory_gb"]
+    return [{k: m.get(k) for k in columns}
             for m in metrics[::every] + ([metrics[-1]] if len(metrics) % every != 1 else [])]
 
 
+def final_losses(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last train loss and the last validation loss (with its step) of a run's records."""
+    train = [m for m in metrics if m.get("loss") is not None]
+    val = [m for m in metrics if m.get("val_loss") is not None]
+    return {"step": metrics[-1]["step"], "first_loss": train[0]["loss"] if train else None,
+            "loss": train[-1]["loss"] if train else None,
+            "val_loss": val[-1]["val_loss"] if val else None,
+            "val_step": val[-1]["step"] if val else None}
+
+
 def markdown(manifest: Manifest) -> str:
-    metrics = [json.loads(line) for line in (manifest.dir / "metrics.jsonl").read_text().splitlines()]
-    first, last = metrics[0], metrics[-1]
-    return (f"### Training\n\n{last['step']} steps; loss {first['loss']:.4f} → {last['loss']:.4f}; "
-            f"last step {last['tokens_per_s']:.0f} tokens/s, {last['memory_gb']:.2f} GB peak.\n\n"
-            f"Checkpoint `{manifest.dir}` (Megatron layout), loss curve `loss.png`, log `train.log`.")
+    """The summary with the loss curve inline: a `data:` URI, which the Prefect UI's markdown
+    renders as an image (a file name or a path on the worker would show nothing)."""
+    metrics = _metrics(manifest)
+    last, losses = metrics[-1], final_losses(metrics)
+    val = (f"; validation loss {losses['val_loss']:.4f} (step {losses['val_step']})"
+           if losses["val_loss"] is not None else "")
+    png = base64.b64encode((manifest.dir / "loss.png").read_bytes()).decode()
+    return (f"### Training\n\n{last['step']} steps; loss {losses['first_loss']:.4f} → "
+            f"{losses['loss']:.4f}{val}; last step {last['tokens_per_s']:.0f} tokens/s, "
+            f"{last['memory_gb']:.2f} GB peak.\n\n![loss curve](data:image/png;base64,{png})\n\n"
+            f"Checkpoint `{manifest.dir}` (Megatron layout), with `loss.png`, `metrics.jsonl` and "
+            "`train.log`.")
 
 
 def gpus(settings: TrainSettings) -> int:

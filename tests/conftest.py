@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -304,8 +305,16 @@ def run_pipeline(workdir: Path, *overrides: str, **selection):
         flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         task_runs = settled_task_runs(client, flow_filter)
         artifacts = client.read_artifacts(flow_run_filter=flow_filter)
+        prefix = run_key_prefix(client.read_flow_run(state.state_details.flow_run_id).name)
     states = {stage_of(tr.name): tr.state.name for tr in task_runs}
-    return state, states, {a.key for a in artifacts if a.key}
+    keys = {a.key for a in artifacts if a.key}
+    assert all(k.startswith(prefix) for k in keys), (prefix, keys)  # every key is the run's own
+    return state, states, {k.removeprefix(prefix) for k in keys}
+
+
+def run_key_prefix(flow_run_name: str) -> str:
+    """What a run's artifact keys start with: its name as a key, and a dash."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", flow_run_name.lower())).strip("-") + "-"
 
 
 def stage_of(task_run_name: str) -> str:

@@ -288,3 +288,44 @@ def test_convert_and_verify_commands(tmp_path, cli_env, tiny_model_dir):
          "--hf-base", str(tiny_model_dir), cwd=tmp_path, env=cli_env, check=True)
     for f in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / "back" / f).read_bytes() == (tiny_model_dir / f).read_bytes()
+
+
+@pytest.mark.slow
+def test_run_ends_with_losses_scores_the_whole_export_path_and_next_commands(tmp_path, cli_env):
+    """At 80 columns the summary's paths are whole, each on one line; a failed run still says
+    where things are and how to go on."""
+    work = tmp_path / ("a-workdir-whose-name-alone-makes-every-artifact-path-longer-than-eighty"
+                       "-columns")
+    quick = ["--set", f"workdir={work}", "--set", "train.train_iters=2", "--set",
+             "train.save_interval=1", "--set", "train.lr_warmup_iters=1"]
+    env = {**cli_env, "COLUMNS": "80"}
+    out = rsft("run", *quick, cwd=tmp_path, env=env, check=True, timeout=1200).stdout
+    lines = out.splitlines()
+    (export,) = work.glob("artifacts/export/[!.]*")
+    assert len(str(export)) > 80
+    assert f"export    {export}" in lines
+    (metrics,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 2 (from ") for ln in lines)
+    assert any(ln.startswith("scores    math_500_local pass@k:k=1&n=2 = ") for ln in lines)
+    assert any(ln.startswith("          aime24_local pass@k:k=1&n=2 = ") for ln in lines)
+    nexts = lines[lines.index("next:") + 1:]
+    assert nexts[0].startswith(f"  rsft eval --model {export} --out eval-")
+    assert nexts[1].startswith(f"  rsft run --set workdir={work} ") and \
+        "--from export --set export.iteration=1   #" in nexts[1]
+    assert nexts[2].startswith('  python -c "import sys; from transformers import') and \
+        f'" {export}   # load it with transformers' in nexts[2]
+    assert "Traceback" not in out
+    # a failed run: the error on stderr, what it built and the rerun on stdout
+    failed = rsft("run", *quick, "--only", "export", "--set", "export.iteration=7",
+                  cwd=tmp_path, env=env)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr + failed.stdout
+    assert [ln for ln in failed.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: export: export.iteration 7: no checkpoint of that iteration (kept: 1, 2); choose "
+        "one of them, or null for the final one (raise train.keep_last to keep more)"]
+    lines = failed.stdout.splitlines()
+    assert any(ln.startswith("run tiny-iters2-warmup1-save1-export7-") and ln.endswith(": failed")
+               for ln in lines), failed.stdout
+    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 2") for ln in lines)
+    assert f"  rsft run {' '.join(quick)} --set export.iteration=7 --only export   # after " \
+           "fixing the error: built stages are reused" in lines

@@ -179,14 +179,14 @@ def ops(tmp_path_factory):
             _stop(proc)
 
 
-def _settings(ops: Ops) -> str:
+def _settings(ops: Ops, train_iters: int = 2) -> str:
     """The tiny deployment's settings with 2 training steps (the test's cost; a 12-step run
     proves nothing more here), as the JSON `prefect deployment run -p settings=…` takes."""
     spec = yaml.safe_load((ops.project / "deployments" / "prefect.yaml").read_text())
     (tiny,) = [d for d in spec["deployments"]
                if d["name"] == "tiny" and d["entrypoint"].endswith(":sft_pipeline")]
     settings = tiny["parameters"]["settings"]
-    settings["train"].update(train_iters=2, save_interval=2, lr_warmup_iters=1)
+    settings["train"].update(train_iters=train_iters, save_interval=train_iters, lr_warmup_iters=1)
     return "settings=" + json.dumps(settings)
 
 
@@ -274,7 +274,8 @@ def test_flow_run_page_in_headless_chromium(ops, first_run, capsys):
         pytest.skip("no Chromium executable (Debian: apt-get install -y chromium)")
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     shots = {name: ARTIFACTS_DIR / f"operations-e2e-{name}.png"
-             for name in ("flow-run", "task-runs", "artifacts")}
+             for name in ("flow-run", "task-runs", "artifacts", "training-progress",
+                          "training-live-table", "loss-chart")}
     url = f"{ops.api.removesuffix('/api')}/runs/flow-run/{first_run}"
     profile = ops.logs.parent / "chromium-profile"
     with sync_playwright() as pw:
@@ -305,14 +306,81 @@ def test_flow_run_page_in_headless_chromium(ops, first_run, capsys):
             page.screenshot(path=shots["task-runs"], full_page=True)
 
             page.locator("li.p-tab", has_text="Artifacts").click()
-            wanted = {"sft-pipeline-stages", "train-report", "train-summary", "export-report",
+            wanted = {"sft-pipeline-stages", "train-report", "train-summary", "train-progress",
+                      "train-live", "export-report",
                       "evaluate-report", "evaluate-summary", "tokenize-report", "convert-report"}
             deadline = time.monotonic() + 60
             while missing := {k for k in wanted if k not in page.inner_text("body")}:
                 assert time.monotonic() < deadline, f"artifacts not listed: {missing}"
                 time.sleep(1)
             page.screenshot(path=shots["artifacts"], full_page=True)
+
+            # a longer training (only `train` is not cached), watched while it runs
+            live_run = ops.run_deployment("sft-pipeline/tiny", _settings(ops, LIVE_ITERS),
+                                          "until=train")
+            _watch_training(page, f"{ops.api.removesuffix('/api')}/runs/flow-run/{live_run}",
+                            shots)
+            ops.wait(live_run, timeout=10 * 60)
+            _loss_chart_is_shown(page, shots)
         finally:
             browser.close()
     with capsys.disabled():
         print(f"\nflow-run page screenshots: {', '.join(map(str, shots.values()))}")
+
+
+LIVE_ITERS = 10
+"""Steps of the run watched while it trains: long enough for the UI's 5 s refresh to catch it."""
+PROGRESS = re.compile(r"step (\d+)/(\d+), ETA \d+:\d\d:\d\d, loss \d+\.\d{4}")
+
+
+def _watch_training(page, url: str, shots: dict[str, Path]) -> None:
+    """While the run trains, its Artifacts tab shows the progress card with step/total and ETA
+    and the live table's card; the table's page lists the recent steps."""
+    page.goto(url, wait_until="networkidle")
+    deadline = time.monotonic() + 8 * 60
+    while True:
+        tab = page.locator("li.p-tab", has_text="Artifacts")
+        if tab.count():
+            tab.click()
+            cards = [page.locator("a", has_text=k) for k in ("train-progress", "train-live")]
+            if all(c.count() for c in cards) and (m := PROGRESS.search(cards[0].first.inner_text())) \
+                    and int(m[1]) < int(m[2]):
+                break
+        assert time.monotonic() < deadline, "no training progress with an ETA on the flow-run page"
+        time.sleep(1)
+    assert int(m[2]) == LIVE_ITERS, m[0]
+    page.screenshot(path=shots["training-progress"], full_page=True)
+    page.locator("a", has_text="train-live").first.click()
+    deadline = time.monotonic() + 60
+    while not all(c in (body := page.inner_text("body")) for c in ("step", "loss", "lr",
+                                                                    "tokens_per_s")):
+        assert time.monotonic() < deadline, body[-2000:]
+        time.sleep(1)
+    assert re.search(r"training: step \d+/10", body), body[-2000:]
+    page.screenshot(path=shots["training-live-table"], full_page=True)
+    page.goto(url, wait_until="networkidle")
+
+
+def _loss_chart_is_shown(page, shots: dict[str, Path]) -> None:
+    """After training, the train summary's loss curve is an image the page has loaded."""
+    page.reload(wait_until="networkidle")
+    deadline = time.monotonic() + 60
+    while True:
+        tab = page.locator("li.p-tab", has_text="Artifacts")
+        if tab.count():
+            tab.click()
+            link = page.locator("a", has_text="train-summary")
+            if link.count():
+                break
+        assert time.monotonic() < deadline, "no train-summary artifact after training"
+        time.sleep(1)
+    link.first.click()
+    chart = page.locator("img[alt='loss curve']")
+    chart.wait_for(timeout=60_000)
+    deadline = time.monotonic() + 30
+    while not (width := chart.evaluate("img => img.complete ? img.naturalWidth : 0")):
+        assert time.monotonic() < deadline, "the loss chart never loaded"
+        time.sleep(0.5)
+    assert width == 700  # loss.png: 7 × 3.5 in at 100 dpi
+    chart.scroll_into_view_if_needed()
+    page.screenshot(path=shots["loss-chart"], full_page=True)

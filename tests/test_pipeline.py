@@ -227,7 +227,7 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
                       "dataset": "Completed", "tokenize": "Completed", "train": "Completed",
                       "export": "Completed", "evaluate": "Completed", "push": "Completed"}
     assert {"convert-report", "patch-tokenizer-report", "dataset-report", "tokenize-report",
-            "tokenize-summary", "train-report", "train-summary", "train-progress", "export-report",
+            "tokenize-summary", "train-report", "train-summary", "train-progress", "train-live", "export-report",
             "export-summary", "evaluate-report", "evaluate-summary"} <= artifacts
     m = state.result()
     train = m["train"]
@@ -260,7 +260,7 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     assert sum(v["samples"] for v in results["hybrid"]["math_500_local"].values()) == 4 * 2
     with get_client(sync_client=True) as client:
         (table,) = [a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-            any_=[state.state_details.flow_run_id]))) if a.key == "evaluate-report"]
+            any_=[state.state_details.flow_run_id]))) if a.key and a.key.endswith("-evaluate-report")]
     rows = json.loads(table.data)
     assert {(r["task"], r["metric"]) for r in rows} == {
         ("math_500_local", "pass@k:k=1&n=2"), ("aime24_local", "pass@k:k=1&n=2")}
@@ -268,7 +268,7 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     # the hub push (dry run) lists the model files only, under this export's own branch
     with get_client(sync_client=True) as client:
         (pushed,) = [a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-            any_=[state.state_details.flow_run_id]))) if a.key == "push-files"]
+            any_=[state.state_details.flow_run_id]))) if a.key and a.key.endswith("-push-files")]
     files = {r["file"] for r in json.loads(pushed.data)}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
             "README.md"} <= files and not files & {"manifest.json", "verification.json"}

@@ -251,3 +251,33 @@ def test_an_open_r1_recipe_without_max_steps_says_what_it_cannot_compute():
         assert s.train.epochs == 3
     else:
         assert not_mapped["num_train_epochs"] == "train.epochs is not a setting of this version"
+
+
+def test_run_label_says_what_differs_from_the_named_preset(tmp_path: Path):
+    from settings.naming import MAX_DIFF, run_label
+
+    def label(*overrides: str, config: str = "tiny") -> str:
+        return run_label(load_settings(config, list(overrides)))
+
+    assert label() == "tiny"
+    assert label(f"workdir={tmp_path}") == "tiny"  # where artifacts live is no experiment
+    # the example; the best-known knobs first, whatever the order of the --set options
+    assert label("train.train_iters=20", "train.lr=2e-5", "train.min_lr=0") == \
+        "tiny-lr2e-5-iters20-minlr0"
+    assert label("tokenize.pack=false", "train.precision=bf16") == "tiny-bf16-nopack"
+    assert label("train.lr=2e-5", "train.min_lr=0", config="thinkless-warmup-1.5b") == \
+        "thinkless-warmup-1.5b-lr2e-5-minlr0"
+    sources = label("dataset.sources=[{path: a.jsonl}]")
+    assert sources.startswith("tiny-data") and sources == label("dataset.sources=[{path: a.jsonl}]")
+    assert sources != label("dataset.sources=[{path: b.jsonl}]")
+    # capped, and two long diffs that share their start still differ
+    many = [f"train.{k}={v}" for k, v in [("lr", 3e-4), ("train_iters", 200),
+            ("global_batch_size", 16), ("micro_batch_size", 2), ("min_lr", 1e-6),
+            ("lr_warmup_iters", 10), ("weight_decay", 0.01)]]
+    a, b = label(*many), label(*many, "train.seed=7")
+    assert a != b and a.startswith("tiny-lr3e-4-iters200-gbs16-mbs2") and "-etc" in a
+    assert len(a) <= len("tiny-") + MAX_DIFF + len("-etc1234")
+    # a file whose name is no preset: nothing to compare with
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("name: my-experiment\ntrain: {lr: 2.0e-4}\n")
+    assert run_label(load_settings(str(custom))) == "my-experiment"
