@@ -48,11 +48,12 @@ def resume_point(save: Path, limit: int) -> int | None:
     return max(done) if done else None
 
 
-def prune(root: Path, keep_last: int, keep: set[int]) -> None:
-    """Delete all but the newest `keep_last` iterations and those in `keep`; each goes by an
-    atomic rename first, so a kill mid-delete never leaves a partial `iter_*` folder."""
-    iterations = checkpoint.available_iterations(root)
-    counted = [i for i in iterations if i not in keep]
+def prune(root: Path, current: int, keep_last: int, keep: set[int]) -> None:
+    """Delete the iterations before `current` but the newest `keep_last` (counting `current`)
+    and those in `keep`. Later ones (a longer run's, in a folder shared by one lineage) stay.
+    Each goes by an atomic rename first, so a kill mid-delete never leaves a partial `iter_*`
+    folder."""
+    counted = [i for i in checkpoint.available_iterations(root) if i <= current and i not in keep]
     for old in counted[:-keep_last] if keep_last > 0 else []:
         target = checkpoint.iteration_dir(root, old)
         trash = root / f".{target.name}.deleting"
@@ -124,7 +125,7 @@ def save(save_dir: Path, iteration: int, stepper, metadata: dict[str, Any],
         tracker_tmp.write_text(str(iteration))
         tracker_tmp.rename(root / checkpoint.TRACKER)
         fsync_path(root)
-        prune(root, keep_last, keep)
+        prune(root, iteration, keep_last, keep)
     dist.barrier()
     return final
 
