@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from settings import load_settings
 from settings.errors import UserError
@@ -143,7 +145,8 @@ def extended(tmp_path_factory, prefect_api):
     run extended to 18 steps (the tests below only read it)."""
     work = tmp_path_factory.mktemp("checkpoints")
     first = run_pipeline(work, *EVAL, until=None)
-    second = run_pipeline(work, *EVAL, "train.train_iters=18", until=None)
+    second = run_pipeline(work, *EVAL, "train.train_iters=18", "export.push.repo=someone/tiny",
+                          "export.push.revision=v1", "export.push.dry_run=true", until=None)
     return work, first, second
 
 
@@ -188,6 +191,15 @@ def test_a_longer_run_trains_on_and_evaluates_only_its_new_checkpoints(extended,
     assert [json.loads(x)["step"] for x in (m["train"].dir / "metrics.jsonl").read_text().splitlines()] \
         == list(range(1, 19))
     assert m["scores"].meta["iterations"] == [6, 12, 18]
+    # each checkpoint's export is pushed (dry run) to its own branch
+    assert {k: v for k, v in states.items() if k.startswith("push")} == {
+        "push@6": "Completed", "push@12": "Completed", "push": "Completed"}
+    with get_client(sync_client=True) as client:
+        pushed = {a.key: a.description for a in client.read_artifacts(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if a.key and "push" in a.key}
+    assert pushed == {"push-step6-files": "not pushed to someone/tiny@v1-step6",
+                      "push-step12-files": "not pushed to someone/tiny@v1-step12",
+                      "push-files": "not pushed to someone/tiny@v1"}
 
 
 @pytest.mark.slow
