@@ -264,7 +264,7 @@ class Harness:
         shutil.rmtree(store.path(stage, key))
         notes = []
         if stage == "train":
-            scratch = store.scratch("train", key)
+            scratch = store.scratch("train", base.manifests["train"].meta["lineage"])
             if train_scratch == "resume" and (it := _roll_back(scratch)) is not None:
                 notes.append(f"scratch@{it}")
             else:
@@ -339,7 +339,8 @@ class Harness:
             r.left = ", ".join(p for p in parts if p) or "nothing"
         r.mid_stage = manifest is None
         if stage == "train":
-            tracker = store.scratch("train", key) / "checkpoints" / "latest_checkpointed_iteration.txt"
+            tracker = (store.scratch("train", base.manifests["train"].meta["lineage"])
+                       / "checkpoints" / "latest_checkpointed_iteration.txt")
             notes.append(f"ckpt@{tracker.read_text().strip()}" if tracker.is_file() else "no ckpt")
         r.left = "; ".join([r.left, *notes])
         rc, out = self.run(work, folder / "rerun.log", *args)

@@ -8,11 +8,17 @@ Before any work it checks the whole plan (settings, stage selection, source fing
 every stage it reuses already has an intact artifact), so a mistake fails in seconds with one line.
 Whether a stage builds or reuses its artifact is decided by the artifact store alone
 (`tasks/stage.py:execute`).
+
+With `evaluate.checkpoints` other than `last`, the plan has one `export@N` and `evaluate@N` per
+chosen intermediate checkpoint beside the final `export`/`evaluate`, each keyed by the training
+run's lineage and N (not its length, so a longer run reuses them), and a `scores` stage over
+them all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,40 +27,100 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Failed, State
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from flows.notify import on_run_failed
 from flows.selection import Selection, resolve
 from settings.errors import UserError
 from settings.models import HubPushSettings, PipelineSettings
 from settings.naming import run_label
-from tasks import BY_NAME, STAGE_NAMES, hub_push
+from tasks import BY_NAME, STAGE_NAMES, hub_push, scores
 from tasks.artifacts import ArtifactStore, Manifest
 from tasks.retry import gave_up, is_transient, retry_options, retry_transient
-from tasks.stage import StagePlan, plan_key, run_artifact_key, stage_task
+from tasks.stage import Stage, StagePlan, plan_key, run_artifact_key, stage_task
 
 
 @dataclass
 class PlannedStage:
     name: str
+    """The task run's name: the stage's, or `<stage>@<iteration>` for an intermediate
+    checkpoint's export and evaluation."""
     action: str
     """`run`, `force` or `reuse`."""
     plan: StagePlan
+    stage: Stage | None = None
+    section: BaseModel | None = None
+    """The settings section the stage builds with."""
+    upstream: dict[str, str] = field(default_factory=dict)
+    """Upstream stage (as the build sees it) → the planned task it comes from."""
+
+
+def chosen_checkpoints(settings: PipelineSettings) -> list[int]:
+    """The intermediate iterations `evaluate.checkpoints` asks for (the final one is always the
+    normal `export`/`evaluate`). Raises UserError for an iteration the run does not save."""
+    train, wanted = settings.train, settings.evaluate.checkpoints
+    if wanted == "last":
+        return []
+    if settings.export.iteration is not None:
+        raise UserError("export.iteration and evaluate.checkpoints cannot be combined: list the "
+                        "iterations in evaluate.checkpoints (or set it to last)")
+    saved = train.saved_iterations()
+    if wanted != "all" and (unsaved := [i for i in wanted if i not in saved]):
+        raise UserError(f"evaluate.checkpoints: iteration {', '.join(map(str, unsaved))} is not "
+                        f"saved by this run; it saves {', '.join(map(str, saved))} (every "
+                        f"train.save_interval={train.save_interval} steps and the last)")
+    return [i for i in (saved if wanted == "all" else wanted) if i != train.train_iters]
+
+
+def _per_checkpoint(name: str) -> bool:
+    """The stage reads one training checkpoint, itself or through its upstream (export,
+    evaluate)."""
+    stage = BY_NAME[name]
+    return stage.checkpoint_of is not None or any(_per_checkpoint(u) for u in stage.upstream)
 
 
 def plan_pipeline(settings: PipelineSettings, selection: Selection) -> list[PlannedStage]:
     """Every needed stage's key, in DAG order. Raises UserError for any mistake."""
     actions = resolve(selection)
+    intermediate = chosen_checkpoints(settings)
+    final = settings.export.iteration or settings.train.train_iters
     keys: dict[str, str] = {}
+    plans: dict[str, StagePlan] = {}
     planned = []
     for name in STAGE_NAMES:
         stage = BY_NAME[name]
         if not all(u in keys for u in stage.upstream):
             continue
-        plan = plan_key(stage, stage.settings(settings), keys)
-        keys[name] = plan.key
-        if name in actions:
-            planned.append(PlannedStage(name, actions[name], plan))
+        section = stage.settings(settings)
+        if not _per_checkpoint(name):
+            options = {"keep": intermediate} if name == "train" else {}
+            plans[name] = plan_key(stage, section, keys, options=options)
+            keys[name] = plans[name].key
+            if name in actions:
+                planned.append(PlannedStage(name, actions[name], plans[name], stage, section,
+                                            {u: u for u in stage.upstream}))
+            continue
+        if stage.checkpoint_of:  # the iteration is in the upstream key, not in the settings
+            section = section.model_copy(update={"iteration": None})
+        for iteration in [*intermediate, final]:
+            node = name if iteration == final else f"{name}@{iteration}"
+            upstream = {u: f"{u}@{iteration}" if _per_checkpoint(u) and iteration != final else u
+                        for u in stage.upstream}
+            upstream_keys = {u: keys[n] for u, n in upstream.items()}
+            if stage.checkpoint_of:
+                upstream_keys[stage.checkpoint_of] = plans[stage.checkpoint_of].scratch
+            plan = plan_key(stage, section, upstream_keys, iteration=iteration,
+                            label=node if node != name else "")
+            keys[node] = plan.key
+            if name in actions:
+                planned.append(PlannedStage(node, actions[name], plan, stage, section, upstream))
+    if settings.evaluate.checkpoints != "last" and actions.get("evaluate", "reuse") != "reuse":
+        evaluations = [p.name for p in planned if p.stage.name == "evaluate"]
+        stage = dataclasses.replace(scores.STAGE, upstream=tuple(evaluations))
+        section = stage.settings(settings)
+        planned.append(PlannedStage("scores", actions["evaluate"],
+                                    plan_key(stage, section, keys), stage, section,
+                                    {n: n for n in evaluations}))
     return planned
 
 
@@ -64,13 +130,38 @@ def status_table(settings: PipelineSettings, planned: list[PlannedStage],
     store = ArtifactStore(settings.workdir)
     rows = []
     for p in planned:
-        manifest, why = store.check(p.name, p.plan.key, verify=verify)
+        manifest, why = store.check(p.plan.stage, p.plan.key, verify=verify)
         rows.append({
-            "stage": p.name, "what": BY_NAME[p.name].description, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
+            "stage": p.name, "what": p.stage.description, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
             "size": f"{manifest.size / 1e6:.1f} MB" if manifest else "-",
-            "path": str(store.path(p.name, p.plan.key)),
+            "path": str(store.path(p.plan.stage, p.plan.key)),
         })
     return rows
+
+
+def check_checkpoints(planned: list[PlannedStage], store: ArtifactStore) -> None:
+    """Every intermediate checkpoint an export must still be built from exists in the training
+    run's folder, or this run's training will make it; else one line naming the fix."""
+    from megatron_bridge import checkpoint
+    from megatron_bridge.training.state import resume_point
+
+    train = next((p for p in planned if p.name == "train"), None)
+    if train is None:
+        return
+    run = store.scratch("train", train.plan.scratch) / "checkpoints"
+    trains = train.action == "force" or store.check("train", train.plan.key)[0] is None
+    start = resume_point(run, train.section.train_iters) or 0
+    missing = [p.plan.iteration for p in planned
+               if p.stage.checkpoint_of and p.plan.label and p.action != "reuse"
+               and store.check(p.plan.stage, p.plan.key)[0] is None
+               and not checkpoint.iteration_dir(run, p.plan.iteration).is_dir()
+               and not (trains and p.plan.iteration > start)]
+    if missing:
+        kept = ", ".join(map(str, checkpoint.available_iterations(run))) or "none"
+        raise UserError(f"evaluate.checkpoints: the checkpoint of iteration "
+                        f"{', '.join(map(str, missing))} is no longer kept in {run} (kept: {kept}); "
+                        "choose kept iterations, or delete that folder and rerun with --force "
+                        "train to retrain keeping them")
 
 
 def _run_name() -> str:
@@ -131,50 +222,53 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool,
     manifests: dict[str, Manifest] = {}
     for p in planned:  # reused inputs must exist before anything runs
         if p.action == "reuse":
-            manifest, why = store.check(p.name, p.plan.key, verify=verify)
+            manifest, why = store.check(p.plan.stage, p.plan.key, verify=verify)
             if manifest is None:
                 raise UserError(f"stage {p.name} is needed as input but its artifact {p.plan.key} is "
                                 f"{why}; run it first (drop --only/--from) or `rsft run --until {p.name}`")
             manifests[p.name] = manifest
+    check_checkpoints(planned, store)
     futures: dict[str, PrefectFuture] = {}
     for p in planned:  # DAG order: a stage's upstream futures exist when it is submitted
         if p.action == "reuse":
             continue
-        stage = BY_NAME[p.name]
         task = stage_task.with_options(
             name=p.name, task_run_name=p.name,
-            **(retry_options(settings.retries) if stage.network else {}))
+            **(retry_options(settings.retries) if p.stage.network else {}))
         # Futures as inputs: Prefect waits for them, records the edge, and leaves the stage
         # `NotReady` if one failed.
-        upstream = {u: futures.get(u) or manifests[u] for u in stage.upstream}
-        futures[p.name] = task.submit(stage=stage, section=stage.settings(settings), plan=p.plan,
+        upstream = {u: futures.get(n) or manifests[n] for u, n in p.upstream.items()}
+        futures[p.name] = task.submit(stage=p.stage, section=p.section, plan=p.plan,
                                       upstream=upstream, workdir=str(workdir),
                                       force=p.action == "force", verify=verify)
     for future in futures.values():  # every branch runs to its end before the run fails
         future.wait()
     status = {name: "reused (not selected)" for name in manifests}
     failures = []
+    stages = {p.name: p.stage for p in planned}
     for name, future in futures.items():
         state = future.state
         status[name] = state.name
         if state.is_completed():
             manifests[name] = future.result()
         elif state.is_failed():
-            failures.append(_failure(name, state, settings))
-    _summary_artifact(manifests, status)
+            failures.append(_failure(name, stages[name], state, settings))
+    _summary_artifact([p.name for p in planned], manifests, status)
     if failures:  # the failed stages' own lines, as the run's state
         return Failed(message="; ".join(failures))
-    if settings.export.push.repo and "export" in manifests:
-        _push(manifests, settings, log)
+    if settings.export.push.repo:
+        for p in planned:
+            if p.stage.name == "export" and p.name in manifests:
+                _push(p, manifests, settings)
     return manifests
 
 
-def _failure(name: str, state, settings: PipelineSettings) -> str:
+def _failure(name: str, stage: Stage, state, settings: PipelineSettings) -> str:
     """A failed stage's one line. A stage fails with its message for a user mistake; a network
     stage that gave up on transient errors says so; anything else is a bug: raised, traceback."""
     error = state.result(raise_on_failure=False)
     if isinstance(error, BaseException):
-        if BY_NAME[name].network and is_transient(error):
+        if stage.network and is_transient(error):
             return gave_up(name, error, settings.retries)
         raise error
     return state.message or f"{name}: failed"
@@ -185,26 +279,35 @@ def push_task(export: Manifest, card: str, push: HubPushSettings) -> dict:
     return hub_push.push(export, card, push, get_run_logger())
 
 
-def _push(manifests: dict[str, Manifest], settings: PipelineSettings, log) -> None:
-    """Upload the export, with the evaluated model card when `evaluate` ran (idempotent)."""
-    card_file = (manifests["evaluate"].dir / "model_card.md" if "evaluate" in manifests
-                 else manifests["export"].dir / "README.md")
-    state = push_task.with_options(**retry_options(settings.retries))(
-        manifests["export"], card_file.read_text(), settings.export.push, return_state=True)
+def _push(export: PlannedStage, manifests: dict[str, Manifest], settings: PipelineSettings) -> None:
+    """Upload one export, with its evaluated model card when its evaluation ran (idempotent).
+    An intermediate checkpoint's export goes to its own branch: `<revision>-step<N>`, or
+    `rsft-<its export key>` without `export.push.revision`."""
+    suffix = export.name.removeprefix("export")  # "" or "@6"
+    evaluation = manifests.get(f"evaluate{suffix}")
+    card_file = (evaluation.dir / "model_card.md" if evaluation
+                 else manifests[export.name].dir / "README.md")
+    push = settings.export.push
+    if suffix and push.revision:
+        push = push.model_copy(update={"revision": f"{push.revision}-step{export.plan.iteration}"})
+    state = push_task.with_options(task_run_name=f"push{suffix}", **retry_options(settings.retries))(
+        manifests[export.name], card_file.read_text(), push, return_state=True)
     if state.is_failed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, BaseException) and is_transient(error):
             raise UserError(gave_up("push", error, settings.retries)) from error
         raise error if isinstance(error, BaseException) else RuntimeError(state.message)
     result = state.result()
-    create_table_artifact([{"file": f} for f in result["files"]], key=run_artifact_key("push-files"),
+    key = "push-files" if not suffix else f"push-step{export.plan.iteration}-files"
+    create_table_artifact([{"file": f} for f in result["files"]], key=run_artifact_key(key),
                           description=f"{'pushed' if result['pushed'] else 'not pushed'} to "
                                       f"{result['repo']}@{result['revision']}")
 
 
-def _summary_artifact(manifests: dict[str, Manifest], status: dict[str, str]) -> None:
+def _summary_artifact(names: list[str], manifests: dict[str, Manifest],
+                      status: dict[str, str]) -> None:
     rows = ["| stage | state | key | size | path |", "|---|---|---|---|---|"]
-    for name in (n for n in STAGE_NAMES if n in status):
+    for name in (n for n in names if n in status):
         if m := manifests.get(name):
             rows.append(f"| {name} | {status[name]} | `{m.key}` | {m.size / 1e6:.1f} MB | `{m.path}` |")
         else:

@@ -23,6 +23,14 @@ def not_in_key(**kwargs: Any) -> Any:
     return Field(json_schema_extra={"affects_key": False}, **kwargs)
 
 
+def not_in_lineage(**kwargs: Any) -> Any:
+    """A `train` field that is part of the train artifact's key but does not change the weights
+    at any step (the run's length, checkpoint cadence, validation): left out of the training
+    run's lineage, so runs that differ only in it share one scratch folder and continue each
+    other."""
+    return Field(json_schema_extra={"lineage": False}, **kwargs)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True, frozen=False
@@ -284,8 +292,9 @@ class TrainSettings(Strict):
     """Tensor-parallel size of training (any layout loads the converted checkpoint)."""
     pipeline_parallel: int = Field(default=1, ge=1)
     """Pipeline-parallel size of training (megatron-core's 1F1B schedule); must divide the layers."""
-    train_iters: int = Field(default=40, ge=1)
-    """Optimizer steps."""
+    train_iters: int = not_in_lineage(default=40, ge=1)
+    """Optimizer steps. Raising it continues an earlier run of the same settings from its last
+    checkpoint when the decay horizon stays put (`lr_decay_iters`)."""
     global_batch_size: int = Field(default=8, ge=1)
     """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
     micro_batch_size: int = Field(default=1, ge=1)
@@ -298,6 +307,13 @@ class TrainSettings(Strict):
     """Linear warm-up steps."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
+    lr_decay_iters: int | None = Field(default=None, ge=1)
+    """Step at which the decay reaches `min_lr` (then it stays there), as Megatron-LM's
+    `--lr-decay-iters`; null: `train_iters`. Fix it to extend a run later: a rerun with a larger
+    `train_iters` and the same horizon resumes the shorter run's last checkpoint and evaluates
+    only the new checkpoints (bit-identical to training the longer run at once); with the
+    horizon following `train_iters`, every step's learning rate changes and training starts
+    over."""
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     """Adam β1."""
     adam_beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -317,10 +333,11 @@ class TrainSettings(Strict):
     use_distributed_optimizer: bool = False
     """Megatron DistributedOptimizer: optimizer state and master weights sharded over the
     data-parallel ranks, parameters all-gathered (overlapped with the next forward)."""
-    save_interval: int = Field(default=20, ge=1)
+    save_interval: int = not_in_lineage(default=20, ge=1)
     """Checkpoint every N steps (and at the end); a crash loses at most N steps."""
-    keep_last: int = Field(default=2, ge=1)
-    """Checkpoints kept while training (older ones are deleted)."""
+    keep_last: int = not_in_lineage(default=2, ge=1)
+    """Checkpoints kept while training (older ones are deleted, except those
+    `evaluate.checkpoints` chose)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: trade compute for memory at long sequence lengths (`selective`
     recomputes the attention core, `full` each layer)."""
@@ -350,10 +367,26 @@ class TrainSettings(Strict):
                 f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"micro_batch_size × data-parallel size ({self.micro_batch_size} × {dp})"
             )
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.lr_warmup_iters:
+            raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must exceed "
+                             f"lr_warmup_iters ({self.lr_warmup_iters})")
         if self.loss_scale is not None and self.precision != "fp16":
             raise ValueError(f"loss_scale applies to precision fp16 only (this is "
                              f"{self.precision}); remove it")
         return self
+
+    @property
+    def decay_iters(self) -> int | None:
+        """The effective decay horizon: `lr_decay_iters`, else `train_iters`; None for a
+        constant learning rate (no horizon)."""
+        if self.lr_decay_style == "constant":
+            return None
+        return self.lr_decay_iters or self.train_iters
+
+    def saved_iterations(self) -> list[int]:
+        """The checkpoints this run saves: every `save_interval` steps and the last."""
+        return sorted({*range(self.save_interval, self.train_iters + 1, self.save_interval),
+                       self.train_iters})
 
 
 class HubPushSettings(Strict):
@@ -363,7 +396,8 @@ class HubPushSettings(Strict):
     repo: str | None = None
     """`org/name` of a model repository to push to; null (default): no push."""
     revision: str | None = None
-    """Branch to push to; null: `rsft-<export key>` (one branch per distinct export)."""
+    """Branch to push to; null: `rsft-<export key>` (one branch per distinct export). The
+    intermediate checkpoints `evaluate.checkpoints` chose go to `<revision>-step<N>`."""
     private: bool = True
     """Create the repository as private if it does not exist."""
     overwrite: bool = False
@@ -380,7 +414,8 @@ class ExportSettings(Strict):
 
     iteration: int | None = Field(default=None, ge=1)
     """Training iteration to export; null: the final one. Earlier ones must still be among the
-    `train.keep_last` checkpoints of the training run."""
+    `train.keep_last` checkpoints of the training run (to export and evaluate several, use
+    `evaluate.checkpoints`)."""
     max_shard_size: str = "5GB"
     """Largest safetensors shard (bigger models are split, with an index)."""
     temperature: float = Field(default=0.6, ge=0)
@@ -454,8 +489,24 @@ class EvaluateSettings(Strict):
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     evaluate_base: bool = False
     """Also evaluate the base model (its own cached artifact) and report the delta."""
+    checkpoints: Literal["last", "all"] | list[int] = not_in_key(default="last")
+    """Which training checkpoints to export and evaluate: `last` (the final one), `all` (every
+    `train.save_interval` multiple and the final one), or a list of saved iterations (the final
+    one is always evaluated too). Each is its own cached export and evaluation, keyed by the
+    training run and the iteration but not `train.train_iters`, so a longer run evaluates only
+    its new checkpoints; the chosen ones are kept from `train.keep_last`'s pruning. With more
+    than one, the run shows a table and a chart of score vs step (the `scores` stage)."""
     timeout_minutes: float = not_in_key(default=24 * 60, gt=0)
     """Kill an evaluation after this long."""
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _iterations(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, list):
+            if not v or any(i < 1 for i in v):
+                raise ValueError("list training iterations (≥ 1), or use `last` or `all`")
+            return sorted(set(v))
+        return v
 
     @field_validator("tasks")
     @classmethod

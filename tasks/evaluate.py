@@ -9,6 +9,7 @@ the base.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -86,7 +87,39 @@ def build(ctx: BuildContext) -> None:
     for row in rows:
         ctx.log.info("evaluate: %s %s = %.4f", row["task"], row["metric"], row["value"])
     ctx.meta.update(backend=results["backend"], scores=results["scores"],
-                    max_problems=results["max_problems"])
+                    max_problems=results["max_problems"], iteration=info["iteration"])
+    if lineage := export.meta.get("lineage"):
+        log_scores(ctx.store.scratch("train", lineage), info["iteration"], rows, ctx.log)
+
+
+def log_scores(run_folder: Path, iteration: int, rows: list[dict[str, Any]], log) -> bool:
+    """Send one checkpoint's scores to the training run's trackers, at the checkpoint's step
+    (`eval/<task>/<metric>`), once per evaluation built. `run_folder` is the training run's
+    scratch folder, whose `job.json` holds the `train` settings the trackers are configured by
+    (`megatron_bridge/training/tracking.py`, present when that module is installed). Returns
+    whether anything was logged; a tracker failing never fails the evaluation."""
+    if importlib.util.find_spec("megatron_bridge.training.tracking") is None:
+        return False
+    job_path = run_folder / "job.json"
+    if not job_path.is_file():
+        return False
+    from megatron_bridge.training.job import TrainJob
+    from megatron_bridge.training.tracking import open_trackers
+
+    values = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in rows
+              if isinstance(r["value"], (int, float))}
+    try:
+        trackers = open_trackers(TrainJob.read(job_path).train, run_folder,
+                                 f"rsft-{run_folder.name}", iteration)
+        try:
+            trackers.log(iteration, values)
+        finally:
+            trackers.close()
+    except Exception as e:  # noqa: BLE001 - the scores are in the artifact; trackers are a view
+        log.warning("evaluate: the trackers did not take the scores of step %d (%s: %s)",
+                    iteration, type(e).__name__, e)
+        return False
+    return True
 
 
 def report(manifest: Manifest) -> list[dict[str, Any]]:
@@ -121,7 +154,7 @@ def gpus(settings: EvaluateSettings) -> int:
 
 
 STAGE = Stage(
-    name="evaluate", version="1", settings=lambda s: s.evaluate, build=build,
+    name="evaluate", version="2", settings=lambda s: s.evaluate, build=build,
     upstream=("export", "download"), report=report, markdown=markdown, gpus=gpus,
     description="lighteval scores (+ base delta) and hybrid-reasoning metrics",
 )

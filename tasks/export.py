@@ -27,13 +27,14 @@ NOT_UPLOADED = (MANIFEST, "verification.json", "logs/*", "model_card_info.json")
 def checkpoint_for(train: Manifest, iteration: int | None,
                    store: ArtifactStore) -> tuple[Path, int]:
     """The checkpoint folder holding `iteration` (the final one in the artifact, earlier ones in
-    the training run's scratch folder while `train.keep_last` keeps them)."""
+    the training run's scratch folder while `train.keep_last` keeps them, or
+    `evaluate.checkpoints` chose them)."""
     from megatron_bridge import checkpoint
 
     final = int(checkpoint.read_tracker(train.dir))
     if iteration is None or iteration == final:
         return train.dir, final
-    scratch = store.scratch("train", train.key) / "checkpoints"
+    scratch = store.scratch("train", train.meta.get("lineage", train.key)) / "checkpoints"
     have = sorted({final, *checkpoint.available_iterations(scratch)})
     if iteration not in have or not checkpoint.iteration_dir(scratch, iteration).is_dir():
         raise UserError(f"export.iteration {iteration}: no checkpoint of that iteration (kept: "
@@ -64,7 +65,8 @@ def build(ctx: BuildContext) -> None:
 
     s: ExportSettings = ctx.settings
     train, tokenizer, base = (ctx.upstream[n].dir for n in ("train", "patch_tokenizer", "download"))
-    source, iteration = checkpoint_for(ctx.upstream["train"], s.iteration, ctx.store)
+    wanted = ctx.iteration if ctx.iteration is not None else s.iteration
+    source, iteration = checkpoint_for(ctx.upstream["train"], wanted, ctx.store)
     timeout = s.timeout_minutes * 60
     pick = ["--iteration", str(iteration)]
     ctx.log.info("export: iteration %d of %s -> HF folder", iteration, source)
@@ -80,11 +82,12 @@ def build(ctx: BuildContext) -> None:
     if config["vocab_size"] != base_vocab:
         raise UserError(f"vocab_size {config['vocab_size']} differs from the base "
                         f"model's {base_vocab}")
-    info = model_card.lineage(ctx.upstream)
+    info = model_card.lineage(ctx.upstream, iteration)
     (ctx.out / "model_card_info.json").write_text(json.dumps({**info, "iteration": iteration},
                                                              indent=2))
     (ctx.out / "README.md").write_text(model_card.render(info, iteration))
-    ctx.meta.update(iteration=iteration, vocab_size=config["vocab_size"], dtype=config["dtype"])
+    ctx.meta.update(iteration=iteration, vocab_size=config["vocab_size"], dtype=config["dtype"],
+                    lineage=info["run"])
     if s.verify:
         logs = ctx.out / "logs"
         logs.mkdir()
@@ -132,8 +135,11 @@ def gpus(settings: ExportSettings) -> int:
 
 
 STAGE = Stage(
-    name="export", version="1", settings=lambda s: s.export, build=build, verify=verify_folder,
+    name="export", version="2", settings=lambda s: s.export, build=build, verify=verify_folder,
     upstream=("train", "patch_tokenizer", "download", "dataset"), report=report, markdown=markdown,
     gpus=gpus,
+    # Keyed by the training run and the iteration: the same checkpoint of a longer run (or a
+    # run with another checkpoint cadence) is the same export.
+    checkpoint_of="train",
     description="Hugging Face model folder: safetensors, patched tokenizer, generation config, card",
 )

@@ -3,29 +3,44 @@ and the artifact keys that produced it (lineage). Facts come from the upstream m
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tasks.artifacts import Manifest
 
-TRAIN_KEYS = ("train_iters", "global_batch_size", "micro_batch_size", "lr", "min_lr",
-              "lr_warmup_iters", "lr_decay_style", "weight_decay", "clip_grad", "precision",
+TRAIN_KEYS = ("global_batch_size", "micro_batch_size", "lr", "min_lr", "lr_warmup_iters",
+              "lr_decay_style", "lr_decay_iters", "weight_decay", "clip_grad", "precision",
               "tensor_parallel", "pipeline_parallel")
 
 
-def lineage(upstream: dict[str, Manifest]) -> dict[str, Any]:
-    """What the card states, read from the upstream manifests (kept in the export's meta)."""
+def _loss_at(train: Manifest, iteration: int) -> tuple[int | None, float | None]:
+    """The last logged step at or before `iteration` and its loss (from metrics.jsonl)."""
+    path = train.dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    logged = [r for r in records if r["step"] <= iteration]
+    return (logged[-1]["step"], logged[-1]["loss"]) if logged else (None, None)
+
+
+def lineage(upstream: dict[str, Manifest], iteration: int) -> dict[str, Any]:
+    """What the card states about checkpoint `iteration` of the training run, read from the
+    upstream manifests (kept in the export's meta). Only what that checkpoint is: the same
+    checkpoint reached by a longer run of the same lineage gets the same card."""
     download, dataset, train = upstream["download"], upstream["dataset"], upstream["train"]
     base = download.meta.get("repo") or download.meta.get("source") or download.meta.get("local_dir")
+    settings = dict(train.key_material["settings"])
+    settings["lr_decay_iters"] = train.meta.get("decay_iters", settings.get("lr_decay_iters"))
+    loss_step, loss = _loss_at(train, iteration)
+    run = train.meta.get("lineage", train.key)
     return {
         "base_model": base,
         "base_revision": download.meta.get("commit"),
         "sources": [{"path": s["path"], "weight": s.get("weight", 1.0)}
                     for s in dataset.key_material["settings"]["sources"]],
         "train_rows": dataset.meta.get("train"), "test_rows": dataset.meta.get("test"),
-        "settings": {k: train.key_material["settings"][k] for k in TRAIN_KEYS
-                     if k in train.key_material["settings"]},
-        "steps": train.meta.get("iterations"), "final_loss": train.meta.get("final_loss"),
-        "keys": {name: m.key for name, m in sorted(upstream.items())},
+        "settings": {k: settings[k] for k in TRAIN_KEYS if k in settings},
+        "iteration": iteration, "loss_step": loss_step, "loss": loss, "run": run,
+        "keys": {name: f"{run}@{iteration}" if name == "train" else m.key
+                 for name, m in sorted(upstream.items())},
     }
 
 
@@ -58,15 +73,16 @@ def render(info: dict[str, Any], iteration: int, scores: list[dict[str, Any]] | 
                                                    if info["base_revision"] else ""), "",
              "## Data", ""]
     lines += [f"- `{s['path']}` (weight {s['weight']})" for s in info["sources"]]
+    loss = (f"; loss {info['loss']:.4f} at step {info['loss_step']}"
+            if info.get("loss") is not None else "")
     lines += [f"- {_count(info['train_rows'])} training rows, {_count(info['test_rows'])} held out",
               "", "## Training", "",
-              f"{info['steps']} steps (exported: iteration {iteration}), final loss "
-              f"{info['final_loss']:.4f}." if info["final_loss"] is not None else "", "",
+              f"Checkpoint of iteration {iteration} (training run `{info['run']}`){loss}.", "",
               "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info["settings"].items()]
     if scores:
         lines += ["", "## Evaluation (lighteval)", "", *scores_table(scores)]
     lines += ["", "## Lineage", "", "Artifact keys (`rsft` content-addressed store) this model was "
-              "built from:", ""]
+              "built from (train: the training run and iteration):", ""]
     lines += [f"- {stage}: `{key}`" for stage, key in info["keys"].items()]
     return "\n".join(lines) + "\n"

@@ -11,11 +11,13 @@ comes back as a `Cached` state, so the UI still shows it.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,11 @@ class BuildContext:
     """Persistent per-key work directory (resumable progress such as training checkpoints)."""
     store: ArtifactStore | None = None
     """The store the artifact is published into (to find another stage's scratch folder)."""
+    options: dict[str, Any] | None = None
+    """What the plan tells the build beyond its settings, never part of the key (`train`: the
+    checkpoints to keep for evaluation)."""
+    iteration: int | None = None
+    """For a per-checkpoint stage (`Stage.checkpoint_of`): the iteration it is built for."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,15 @@ class Stage:
     gpus: Callable[[Any], int] | None = None
     """GPUs the stage occupies with these settings on this machine (0 on CPU): held as slots of
     the `gpu` global concurrency limit while it builds, so two runs never share GPUs."""
+    lineage: Callable[[Any], dict[str, Any]] | None = None
+    """The settings that make the stage's resumable run what it is (`train`: all but its
+    length and checkpoint cadence): its scratch folder is keyed by them instead of the artifact
+    key, so artifacts that differ only in the rest (a longer run) share and continue one run."""
+    checkpoint_of: str | None = None
+    """A per-checkpoint stage: it reads one checkpoint of this upstream stage's run and is
+    keyed by that run's lineage and the iteration instead of the upstream artifact's key (the
+    same checkpoint of a longer run is the same artifact). Its recorded input is the run's id
+    and the iteration (`checkpoint_identity`)."""
 
 
 def key_settings(section: BaseModel) -> dict[str, Any]:
@@ -105,18 +121,60 @@ class StagePlan:
     key: str
     key_material: dict[str, Any]
     fingerprint: dict[str, Any]
+    scratch: str = ""
+    """Key of the stage's scratch folder: its run lineage's (`Stage.lineage`), else the key."""
+    iteration: int | None = None
+    """The checkpoint of `Stage.checkpoint_of` this plan is for (per-checkpoint stages)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Told to the build, not part of the key (`BuildContext.options`)."""
+    label: str = ""
+    """The task run's name when it is not the stage's: `export@6` for one of several
+    checkpoints' instances."""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.stage
 
 
-def plan_key(stage: Stage, section: BaseModel, upstream_keys: dict[str, str]) -> StagePlan:
+def plan_key(stage: Stage, section: BaseModel, upstream_keys: dict[str, str],
+             iteration: int | None = None, options: dict[str, Any] | None = None,
+             label: str = "") -> StagePlan:
+    """The stage's key from its settings, fingerprint and upstream keys. A per-checkpoint
+    stage's `checkpoint_of` upstream counts as `<that stage's scratch key>@<iteration>`: pass
+    the scratch key for it in `upstream_keys`."""
     fingerprint = stage.fingerprint(section) if stage.fingerprint else {}
+    upstream = {u: upstream_keys[u] for u in stage.upstream}
+    if stage.checkpoint_of:
+        if iteration is None:
+            raise ValueError(f"stage {stage.name} is planned per checkpoint: give the iteration")
+        upstream[stage.checkpoint_of] = f"{upstream[stage.checkpoint_of]}@{iteration}"
     material = {
         "stage": stage.name,
         "version": stage.version,
         "settings": key_settings(section),
         "fingerprint": fingerprint,
-        "upstream": {u: upstream_keys[u] for u in stage.upstream},
+        "upstream": upstream,
     }
-    return StagePlan(stage.name, compute_key(material), material, fingerprint)
+    key = compute_key(material)
+    scratch = (compute_key({**material, "settings": stage.lineage(section), "lineage": True})
+               if stage.lineage else key)
+    return StagePlan(stage.name, key, material, fingerprint, scratch, iteration,
+                     dict(options or {}), label)
+
+
+RUN_RECORD = "run.json"
+"""A stage with a resumable scratch run records the run's id in this file of its artifact (a
+record file: outside the content hash)."""
+
+
+def checkpoint_identity(manifest: Manifest, iteration: int) -> str:
+    """What a per-checkpoint stage records as its input: the id of the run that made the
+    checkpoint (a new one when its scratch folder starts over) and the iteration, so a
+    checkpoint retrained from scratch (not bit-identical on GPUs) is rebuilt, while the same
+    checkpoint reached by a longer run of that lineage is reused."""
+    record = manifest.dir / RUN_RECORD
+    run = json.loads(record.read_text())["run_id"] if record.is_file() else manifest.content_hash
+    return f"{run}@{iteration}"
 
 
 def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[str, Manifest],
@@ -127,6 +185,9 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
     (withdrawn again if that fails). Idempotent; concurrent callers of one key build it once."""
     log = log or logging.getLogger(f"rsft.{stage.name}")
     inputs = {u: m.content_hash for u, m in upstream.items()}
+    if stage.checkpoint_of and plan.iteration is not None:
+        inputs[stage.checkpoint_of] = checkpoint_identity(upstream[stage.checkpoint_of],
+                                                          plan.iteration)
     lock = store.lock(stage.name, plan.key)
     try:
         lock.acquire(timeout=0)
@@ -145,7 +206,8 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
         with store.publish(stage.name, plan.key, plan.key_material, inputs, stage.version,
                            stage.records) as build:
             stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta,
-                                     log, store.scratch(stage.name, plan.key), store))
+                                     log, store.scratch(stage.name, plan.scratch or plan.key),
+                                     store, plan.options, plan.iteration))
         assert build.manifest is not None
         try:
             verify_published(stage, build.manifest, store)
@@ -195,8 +257,8 @@ def stage_task(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict
         with _gpu_slots(slots, log) if slots else nullcontext():
             manifest, built = execute(stage, section, plan, upstream, store, force, verify, log)
     except UserError as e:
-        return Failed(message=f"{stage.name}: {e}")
-    _show(stage, manifest)
+        return Failed(message=f"{plan.name}: {e}")
+    _show(stage, manifest, plan)
     return Completed(data=manifest) if built else Completed(name="Cached", data=manifest)
 
 
@@ -223,15 +285,22 @@ def run_artifact_key(what: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", key.lower())).strip("-")
 
 
-def _show(stage: Stage, manifest: Manifest) -> None:
-    """The stage's table and summary as Prefect artifacts of its task run."""
-    key = stage.name.replace("_", "-")
+def _show(stage: Stage, manifest: Manifest, plan: StagePlan) -> None:
+    """The stage's table and summary as Prefect artifacts of its task run (`export-step6-…`
+    for a checkpoint's instance)."""
+    key = plan.name.replace("_", "-").replace("@", "-step")
     if stage.report and (rows := stage.report(manifest)):
         create_table_artifact(rows, key=run_artifact_key(f"{key}-report"),
-                              description=f"{stage.name}: {stage.description}")
+                              description=f"{plan.name}: {stage.description}")
     if stage.markdown:
         create_markdown_artifact(stage.markdown(manifest), key=run_artifact_key(f"{key}-summary"),
-                                 description=f"{stage.name}: {stage.description}")
+                                 description=f"{plan.name}: {stage.description}")
+
+
+def inline_png(path: Path, alt: str) -> str:
+    """A markdown image of a PNG as a `data:` URI, which the Prefect UI's markdown renders (a file
+    name or a path on the worker would show nothing)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
 def verify_published(stage: Stage, manifest: Manifest, store: ArtifactStore) -> None:

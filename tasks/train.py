@@ -1,9 +1,12 @@
 """Stage `train`: megatron-core SFT under torchrun, launched and watched from here.
 
 The job (`megatron_bridge/training/job.py`) is written into the stage's scratch folder
-`<workdir>/scratch/train/<key>/`, which also holds the checkpoints: a rerun of the same key
-(after a crash, a kill, a timeout) resumes from the latest checkpoint there instead of starting
-over. torchrun runs in its own process group with its own timeout; rank-0 lines go to the Prefect
+`<workdir>/scratch/train/<lineage>/`, which also holds the checkpoints. It is keyed by the
+training run's *lineage* — the artifact's key material without the run's length and checkpoint
+cadence, plus the learning-rate decay horizon — so a rerun (after a crash, a kill, a timeout)
+resumes from the latest checkpoint there, and a longer run of the same lineage continues the
+shorter one (Megatron-LM's way of extending a run: raise `train_iters`, keep `lr_decay_iters`).
+One run trains in a lineage's folder at a time (a file lock). torchrun runs in its own process group with its own timeout; rank-0 lines go to the Prefect
 log, every line to `train.log`; per-step metrics (JSON lines) feed a progress artifact while it
 runs. The artifact is the final checkpoint (Megatron layout, loadable by `rsft convert mcore2hf`)
 with `metrics.jsonl`, `loss.png` and the log.
@@ -11,21 +14,53 @@ with `metrics.jsonl`, `loss.png` and the log.
 
 from __future__ import annotations
 
-import base64
 import contextvars
 import json
 import os
 import shutil
 import threading
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from settings.models import TrainSettings
 from tasks import train_launch
 from tasks.agent_watch import recent_metrics
 from tasks.artifacts import Manifest
-from tasks.stage import BuildContext, Stage, run_artifact_key
+from tasks.stage import (RUN_RECORD, BuildContext, Stage, inline_png, key_settings,
+                         run_artifact_key)
+
+
+def lineage(settings: TrainSettings) -> dict[str, Any]:
+    """The settings that make a training run's weights at each step what they are: the key's,
+    without the `not_in_lineage` fields (length, checkpoint cadence), with the effective decay
+    horizon (`lr_decay_iters`, else `train_iters` — then a longer run changes every step's
+    learning rate and is a run of its own)."""
+    data = key_settings(settings)
+    for name, info in type(settings).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("lineage") is False:
+            data.pop(name, None)
+    data["lr_decay_iters"] = settings.decay_iters
+    return data
+
+
+def _run_id(work: Path, save: Path) -> str:
+    """The id of the run in this scratch folder: a new one when it starts with no checkpoint
+    (its checkpoints will be new weights), else the one its checkpoints were made by."""
+    from megatron_bridge import checkpoint
+
+    record = work / RUN_RECORD
+    if record.is_file() and checkpoint.available_iterations(save):
+        return json.loads(record.read_text())["run_id"]
+    run_id = uuid.uuid4().hex
+    tmp = work / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
+    tmp.rename(record)
+    return run_id
 
 
 def resolve_device(settings: TrainSettings) -> str:
@@ -214,35 +249,60 @@ def build(ctx: BuildContext) -> None:
     assert ctx.scratch is not None
     work = ctx.scratch
     work.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(work / ".lock")  # an OS lock: a killed holder releases it
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        ctx.log.info("train: another run of this training lineage is training in %s; waiting "
+                     "for it (then this one continues from its checkpoints)", work)
+        lock.acquire()
+    try:
+        _train(ctx, settings, work)
+    finally:
+        lock.release()
+
+
+def _train(ctx: BuildContext, settings: TrainSettings, work: Path) -> None:
+    from megatron_bridge import checkpoint
+    from megatron_bridge.training.job import TrainJob, read_metrics
+    from megatron_bridge.training.state import resume_point
+
     save = work / "checkpoints"
+    run_id = _run_id(work, save)
+    keep = sorted((ctx.options or {}).get("keep", []))
     job = TrainJob(train=settings, checkpoint=str(ctx.upstream["convert"].dir),
                    data=str(ctx.upstream["tokenize"].dir), save=str(save),
-                   device=resolve_device(settings), metrics=str(work / "metrics.jsonl"))
+                   device=resolve_device(settings), metrics=str(work / "metrics.jsonl"), keep=keep)
     job_path = work / "job.json"
     job.write(job_path)
-    resumed = (save / checkpoint.TRACKER).is_file()
+    resumed = resume_point(save, settings.train_iters)
     ctx.log.info("train: %s in %s (%s)", "resuming" if resumed else "starting", work,
-                 "from its latest checkpoint" if resumed else "fine-tuning the converted model")
+                 f"from its checkpoint of iteration {resumed}" if resumed
+                 else "fine-tuning the converted model")
     watch = _Watch(job.metrics_path, settings.train_iters, ctx.log).start()
     try:
         launch(settings, job_path, work, ctx.store.workdir, job.device, ctx.log)
     finally:
         watch.close()
-    iteration = int(checkpoint.read_tracker(save))
-    if iteration != settings.train_iters:
-        raise RuntimeError(f"training stopped at iteration {iteration} of {settings.train_iters}")
-    # Publish the final checkpoint: hard links (same disk: no copy), else copies.
+    iteration = settings.train_iters
     final = checkpoint.iteration_dir(save, iteration)
+    if not final.is_dir():
+        raise RuntimeError(f"training stopped at iteration {resume_point(save, iteration)} of "
+                           f"{iteration}")
+    # Publish the final checkpoint: hard links (same disk: no copy), else copies.
     shutil.copytree(final, checkpoint.iteration_dir(ctx.out, iteration),
                     copy_function=_link_or_copy)
     shutil.copyfile(save / checkpoint.METADATA, ctx.out / checkpoint.METADATA)
     (ctx.out / checkpoint.TRACKER).write_text(str(iteration))
-    metrics = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
-    shutil.copyfile(job.metrics_path, ctx.out / "metrics.jsonl")
+    # This run's steps (the folder may also hold a longer run's), each step's latest record.
+    metrics = read_metrics(job.metrics_path, until=iteration)
+    (ctx.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     shutil.copyfile(work / "train.log", ctx.out / "train.log")
+    (ctx.out / RUN_RECORD).write_text(json.dumps({"run_id": run_id, "lineage": work.name}) + "\n")
     plot_loss(metrics, ctx.out / "loss.png")
     ctx.meta.update(iterations=iteration, final_loss=metrics[-1]["loss"],
-                    first_loss=metrics[0]["loss"], device=job.device)
+                    first_loss=metrics[0]["loss"], device=job.device, lineage=work.name,
+                    decay_iters=settings.decay_iters)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -276,16 +336,15 @@ def final_losses(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(manifest: Manifest) -> str:
-    """The summary with the loss curve inline: a `data:` URI, which the Prefect UI's markdown
-    renders as an image (a file name or a path on the worker would show nothing)."""
+    """The summary with the loss curve inline (the Prefect UI shows it)."""
     metrics = _metrics(manifest)
     last, losses = metrics[-1], final_losses(metrics)
     val = (f"; validation loss {losses['val_loss']:.4f} (step {losses['val_step']})"
            if losses["val_loss"] is not None else "")
-    png = base64.b64encode((manifest.dir / "loss.png").read_bytes()).decode()
     return (f"### Training\n\n{last['step']} steps; loss {losses['first_loss']:.4f} → "
             f"{losses['loss']:.4f}{val}; last step {last['tokens_per_s']:.0f} tokens/s, "
-            f"{last['memory_gb']:.2f} GB peak.\n\n![loss curve](data:image/png;base64,{png})\n\n"
+            f"{last['memory_gb']:.2f} GB peak.\n\n"
+            f"{inline_png(manifest.dir / 'loss.png', 'loss curve')}\n\n"
             f"Checkpoint `{manifest.dir}` (Megatron layout), with `loss.png`, `metrics.jsonl` and "
             "`train.log`.")
 
@@ -299,8 +358,10 @@ def gpus(settings: TrainSettings) -> int:
 
 
 STAGE = Stage(
-    name="train", version="2", settings=lambda s: s.train, build=build,
+    name="train", version="3", settings=lambda s: s.train, build=build,
     upstream=("convert", "tokenize"), report=report, markdown=markdown, gpus=gpus,
-    records=("metrics.jsonl",),  # per-step seconds and tokens/s; the weights are the content
+    lineage=lineage,
+    # Per-step seconds and tokens/s, and the run's id; the weights are the content.
+    records=("metrics.jsonl", RUN_RECORD),
     description="megatron-core SFT: the final checkpoint, metrics and loss curve",
 )

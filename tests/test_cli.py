@@ -191,13 +191,17 @@ def test_an_open_r1_recipe_imports_to_settings_rsft_accepts(tmp_path, cli_env):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_from_its_latest_checkpoint_on_rerun(tmp_path, cli_env):
+def test_killed_training_resumes_and_the_finished_run_says_where_everything_is(tmp_path, cli_env):
     """kill -9 `rsft run` after the train stage has saved a checkpoint: the rerun of the same key
-    continues from it (no step before it is redone) and publishes the final checkpoint."""
-    work = tmp_path / "work"
-    args = ["run", "--set", f"workdir={work}", "--set", "train.train_iters=4", "--set",
-            "train.save_interval=1", "--set", "train.keep_last=1", "--set",
-            "train.global_batch_size=1", "--until", "train"]
+    continues from it (no step before it is redone) and publishes the final checkpoint. The run
+    to the end then prints its summary at 80 columns with every path whole on one line; a failed
+    run still says where things are and how to go on."""
+    work = tmp_path / ("a-workdir-whose-name-alone-makes-every-artifact-path-longer-than-eighty"
+                       "-columns")
+    quick = ["--set", f"workdir={work}", "--set", "train.train_iters=4", "--set",
+             "train.save_interval=1", "--set", "train.keep_last=2", "--set",
+             "train.global_batch_size=1"]
+    args = ["run", *quick, "--until", "train"]
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -214,8 +218,38 @@ def test_killed_training_resumes_from_its_latest_checkpoint_on_rerun(tmp_path, c
     rerun = rsft(*args, cwd=tmp_path, env=cli_env, check=True, timeout=900)
     assert "resuming in" in rerun.stdout + rerun.stderr
     assert f"training: steps {saved}..4" in rerun.stdout + rerun.stderr
-    (final,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
-    assert [json.loads(x)["step"] for x in final.read_text().splitlines()] == [1, 2, 3, 4]
+    (metrics,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+    env = {**cli_env, "COLUMNS": "80"}
+    out = rsft("run", *quick, cwd=tmp_path, env=env, check=True, timeout=1200).stdout
+    lines = out.splitlines()
+    (export,) = work.glob("artifacts/export/[!.]*")
+    assert len(str(export)) > 80
+    assert f"export    {export}" in lines
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 4 (from ") for ln in lines)
+    assert any(ln.startswith("scores    math_500_local pass@k:k=1&n=2 = ") for ln in lines)
+    assert any(ln.startswith("          aime24_local pass@k:k=1&n=2 = ") for ln in lines)
+    nexts = lines[lines.index("next:") + 1:]
+    assert nexts[0].startswith(f"  rsft eval --model {export} --out eval-")
+    assert nexts[1].startswith(f"  rsft run --set workdir={work} ") and \
+        "--from export --set export.iteration=3   #" in nexts[1]
+    assert nexts[2].startswith('  python -c "import sys; from transformers import') and \
+        f'" {export}   # load it with transformers' in nexts[2]
+    assert "Traceback" not in out
+    # a failed run: the error on stderr, what it built and the rerun on stdout
+    failed = rsft("run", *quick, "--only", "export", "--set", "export.iteration=7",
+                  cwd=tmp_path, env=env)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr + failed.stdout
+    assert [ln for ln in failed.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: export: export.iteration 7: no checkpoint of that iteration (kept: 3, 4); choose "
+        "one of them, or null for the final one (raise train.keep_last to keep more)"]
+    lines = failed.stdout.splitlines()
+    assert any(ln.startswith("run tiny-") and ln.endswith(": failed") for ln in lines), failed.stdout
+    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 4") for ln in lines)
+    assert f"  rsft run {' '.join(quick)} --set export.iteration=7 --only export   # after " \
+           "fixing the error: built stages are reused" in lines
 
 
 @pytest.mark.slow
@@ -288,44 +322,3 @@ def test_convert_and_verify_commands(tmp_path, cli_env, tiny_model_dir):
          "--hf-base", str(tiny_model_dir), cwd=tmp_path, env=cli_env, check=True)
     for f in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / "back" / f).read_bytes() == (tiny_model_dir / f).read_bytes()
-
-
-@pytest.mark.slow
-def test_run_ends_with_losses_scores_the_whole_export_path_and_next_commands(tmp_path, cli_env):
-    """At 80 columns the summary's paths are whole, each on one line; a failed run still says
-    where things are and how to go on."""
-    work = tmp_path / ("a-workdir-whose-name-alone-makes-every-artifact-path-longer-than-eighty"
-                       "-columns")
-    quick = ["--set", f"workdir={work}", "--set", "train.train_iters=2", "--set",
-             "train.save_interval=1", "--set", "train.lr_warmup_iters=1"]
-    env = {**cli_env, "COLUMNS": "80"}
-    out = rsft("run", *quick, cwd=tmp_path, env=env, check=True, timeout=1200).stdout
-    lines = out.splitlines()
-    (export,) = work.glob("artifacts/export/[!.]*")
-    assert len(str(export)) > 80
-    assert f"export    {export}" in lines
-    (metrics,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
-    last = json.loads(metrics.read_text().splitlines()[-1])
-    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 2 (from ") for ln in lines)
-    assert any(ln.startswith("scores    math_500_local pass@k:k=1&n=2 = ") for ln in lines)
-    assert any(ln.startswith("          aime24_local pass@k:k=1&n=2 = ") for ln in lines)
-    nexts = lines[lines.index("next:") + 1:]
-    assert nexts[0].startswith(f"  rsft eval --model {export} --out eval-")
-    assert nexts[1].startswith(f"  rsft run --set workdir={work} ") and \
-        "--from export --set export.iteration=1   #" in nexts[1]
-    assert nexts[2].startswith('  python -c "import sys; from transformers import') and \
-        f'" {export}   # load it with transformers' in nexts[2]
-    assert "Traceback" not in out
-    # a failed run: the error on stderr, what it built and the rerun on stdout
-    failed = rsft("run", *quick, "--only", "export", "--set", "export.iteration=7",
-                  cwd=tmp_path, env=env)
-    assert failed.returncode == 2 and "Traceback" not in failed.stderr + failed.stdout
-    assert [ln for ln in failed.stderr.splitlines() if ln.startswith("error:")] == [
-        "error: export: export.iteration 7: no checkpoint of that iteration (kept: 1, 2); choose "
-        "one of them, or null for the final one (raise train.keep_last to keep more)"]
-    lines = failed.stdout.splitlines()
-    assert any(ln.startswith("run tiny-iters2-warmup1-save1-export7-") and ln.endswith(": failed")
-               for ln in lines), failed.stdout
-    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 2") for ln in lines)
-    assert f"  rsft run {' '.join(quick)} --set export.iteration=7 --only export   # after " \
-           "fixing the error: built stages are reused" in lines

@@ -251,7 +251,7 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     check_export_is_the_checkpoint(export, train.dir / "iter_0000002", tmp_path)
     check_loads_and_generates_to_eos(export)
     card = (export / "README.md").read_text()
-    assert "builtin:openmathreasoning-r1-64" in card and f"train: `{train.key}`" in card
+    assert "builtin:openmathreasoning-r1-64" in card and f"train: `{train.meta['lineage']}@2`" in card
 
     # evaluate: lighteval's scores as a table artifact of this flow run, hybrid metrics, the card
     evaluate = m["evaluate"].dir

@@ -8,6 +8,7 @@ data); it runs before the model is built, so bad input fails before any step wit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,15 @@ def packed_sequences() -> bool:
     return use_te()
 
 
+def read_metrics(path: Path, until: int | None = None) -> list[dict[str, Any]]:
+    """The records of `metrics.jsonl` in step order, each step's latest, up to step `until`."""
+    records: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return [records[s] for s in sorted(records) if until is None or s <= until]
+
+
 class TrainJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -43,6 +53,9 @@ class TrainJob(BaseModel):
     the ranks: a cluster's nodes may have GPUs the writer has not)."""
     metrics: str = ""
     """JSONL file for per-step metrics (default: `<save>/metrics.jsonl`)."""
+    keep: list[int] = []
+    """Iterations whose checkpoints are never pruned (`train.keep_last` counts the others): the
+    ones the pipeline exports and evaluates after training."""
 
     @model_validator(mode="after")
     def _device_resolves_the_setting(self) -> "TrainJob":

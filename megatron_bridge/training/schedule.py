@@ -8,7 +8,8 @@ import math
 def learning_rate(step: int, *, lr: float, min_lr: float, warmup: int, total: int,
                   style: str = "cosine") -> float:
     """LR for optimizer step `step` (0-based): warm-up reaches `lr` at step `warmup`, the decay
-    reaches `min_lr` at the last step."""
+    reaches `min_lr` at step `total - 1` (the decay horizon's last step) and stays there, so a
+    run longer than `total` continues at `min_lr`."""
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
     if style == "constant":

@@ -35,6 +35,33 @@ def latest_iteration(save: Path) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def resume_point(save: Path, limit: int) -> int | None:
+    """The iteration a run of `limit` steps resumes from: the newest complete checkpoint at or
+    before `limit`. A folder shared by runs of one lineage (same settings but their length) can
+    hold later iterations of a longer run; those are the same weights this run would reach, but
+    not where it ends. (`iter_*` folders appear by rename once complete and are removed by
+    rename before deletion, so each one present is whole.)"""
+    latest = latest_iteration(save)
+    if latest is not None and latest <= limit:
+        return latest
+    done = [i for i in checkpoint.available_iterations(save) if i <= limit]
+    return max(done) if done else None
+
+
+def prune(root: Path, current: int, keep_last: int, keep: set[int]) -> None:
+    """Delete the iterations before `current` but the newest `keep_last` (counting `current`)
+    and those in `keep`. Later ones (a longer run's, in a folder shared by one lineage) stay.
+    Each goes by an atomic rename first, so a kill mid-delete never leaves a partial `iter_*`
+    folder."""
+    counted = [i for i in checkpoint.available_iterations(root) if i <= current and i not in keep]
+    for old in counted[:-keep_last] if keep_last > 0 else []:
+        target = checkpoint.iteration_dir(root, old)
+        trash = root / f".{target.name}.deleting"
+        shutil.rmtree(trash, ignore_errors=True)
+        target.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def _layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
@@ -65,8 +92,9 @@ def set_rng_state(rng: dict[str, Any]) -> None:
 
 
 def save(save_dir: Path, iteration: int, stepper, metadata: dict[str, Any],
-         keep_last: int) -> Path:
-    """Collective: write iteration `iteration` (model, optimizer, RNG) and make it the latest."""
+         keep_last: int, keep: set[int] = frozenset()) -> Path:
+    """Collective: write iteration `iteration` (model, optimizer, RNG), make it the latest and
+    prune older ones (`prune`)."""
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
@@ -97,9 +125,7 @@ def save(save_dir: Path, iteration: int, stepper, metadata: dict[str, Any],
         tracker_tmp.write_text(str(iteration))
         tracker_tmp.rename(root / checkpoint.TRACKER)
         fsync_path(root)
-        kept = sorted(p for p in root.glob("iter_*") if p.is_dir())
-        for old in kept[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, iteration, keep_last, keep)
     dist.barrier()
     return final
 

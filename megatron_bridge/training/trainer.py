@@ -137,14 +137,16 @@ def should_save(done: int, settings: TrainSettings) -> bool:
 class MetricsLog:
     """Rank 0's per-step records: JSON lines in `path` and a `step …` line printed for each.
 
-    On a resume the steps after the checkpoint are trained again: their old records go."""
+    On a resume the steps after the checkpoint are trained again: their old records go. Records
+    past this run's end stay: a longer run of the same lineage trained them
+    (`job.read_metrics` orders them)."""
 
     def __init__(self, path: Path, total: int, resumed_at: int):
         self.total = total
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
-                    if json.loads(line)["step"] <= resumed_at]
+                    if not resumed_at < json.loads(line)["step"] <= total]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 
@@ -195,7 +197,7 @@ def run(job: TrainJob) -> None:
     with model_parallel(t.tensor_parallel, t.pipeline_parallel, t.seed):
         from megatron.core import parallel_state as ps
 
-        resume = state.latest_iteration(save_dir)
+        resume = state.resume_point(save_dir, t.train_iters)
         stepper = build_stepper(job, meta, resume)
         start = resume or 0
         batches = Batches(SFTDataset(Path(job.data) / "train"), stats["seq_length"],
@@ -210,7 +212,7 @@ def run(job: TrainJob) -> None:
             for step in range(start, t.train_iters):
                 micro = batches.step(step)
                 lr = learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
-                                   total=t.train_iters, style=t.lr_decay_style)
+                                   total=t.decay_iters or t.train_iters, style=t.lr_decay_style)
                 began = time.perf_counter()
                 result = stepper.step(micro, lr)
                 seconds = time.perf_counter() - began
@@ -219,7 +221,8 @@ def run(job: TrainJob) -> None:
                 if log and should_log(done, t):
                     log.write(record(done, result, lr, seconds, tokens, flops, job, world))
                 if should_save(done, t):
-                    state.save(save_dir, done, stepper, trained_metadata(meta, t), t.keep_last)
+                    state.save(save_dir, done, stepper, trained_metadata(meta, t), t.keep_last,
+                               set(job.keep))
         finally:
             if log:
                 log.close()

@@ -1,0 +1,212 @@
+"""Every checkpoint evaluated: the training run's lineage (a longer run continues a shorter one,
+bit-exactly), the per-checkpoint export/evaluate plan keyed by lineage and iteration, and the
+whole pipeline with `evaluate.checkpoints: all` extended from 12 to 18 steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from settings import load_settings
+from settings.errors import UserError
+from tests.conftest import exported, job, metrics, run_pipeline
+
+
+# -- the trainer: one folder, runs of several lengths ------------------------------------------------
+def test_a_longer_run_continues_a_shorter_one_bit_exactly(converted, data, tmp_path):
+    """4 steps, then 6 in the same folder with the decay horizon fixed at 6: the same weights as
+    6 steps at once (the data order is a function of the step, the LR of the horizon)."""
+    from megatron_bridge.training.trainer import run
+
+    common = dict(lr_decay_iters=6, save_interval=2, keep_last=1, attention_dropout=0.1)
+    run(job(converted, data, tmp_path / "extended", train_iters=4, **common))
+    extended = job(converted, data, tmp_path / "extended", train_iters=6, **common)
+    run(extended)
+    fresh = job(converted, data, tmp_path / "fresh", train_iters=6, **common)
+    run(fresh)
+    a, b = exported(tmp_path / "extended", tmp_path / "a"), exported(tmp_path / "fresh", tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    numbers = ("step", "loss", "lr", "grad_norm", "tokens", "supervised_tokens")
+    assert ([{k: r[k] for k in numbers} for r in metrics(extended)]
+            == [{k: r[k] for k in numbers} for r in metrics(fresh)])
+    # Without the fixed horizon the 4-step run decays to min_lr by step 4: other weights.
+    run(job(converted, data, tmp_path / "own", train_iters=4, save_interval=2))
+    run(job(converted, data, tmp_path / "own", train_iters=6, save_interval=2))
+    own = exported(tmp_path / "own", tmp_path / "c")
+    assert not all(torch.equal(own[k], a[k]) for k in a)
+
+
+def test_a_shorter_run_resumes_before_a_longer_runs_checkpoints_and_keeps_chosen_ones(
+        converted, data, tmp_path):
+    from megatron_bridge.training.job import read_metrics
+    from megatron_bridge.training.state import resume_point
+    from megatron_bridge.training.trainer import run
+
+    save = tmp_path / "run"
+    common = dict(lr_decay_iters=6, save_interval=1, keep_last=1)
+    long = job(converted, data, save, train_iters=6, **common).model_copy(update={"keep": [2, 4]})
+    run(long)
+    # keep_last 1 prunes all but the newest, except the iterations the pipeline evaluates.
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002", "iter_0000004",
+                                                             "iter_0000006"]
+    assert not list(save.glob(".*deleting"))
+    assert resume_point(save, 5) == 4 and resume_point(save, 6) == 6 and resume_point(save, 1) is None
+    short = job(converted, data, save, train_iters=5, **common).model_copy(update={"keep": [2, 4]})
+    run(short)  # resumes at 4, trains step 5
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "5"
+    assert [m["step"] for m in read_metrics(short.metrics_path)] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in read_metrics(short.metrics_path, until=5)] == [1, 2, 3, 4, 5]
+    five = exported(save, tmp_path / "five")  # the tracker's: iteration 5
+    again = job(converted, data, tmp_path / "straight", train_iters=5, **common)
+    run(again)
+    straight = exported(tmp_path / "straight", tmp_path / "straight-hf")
+    assert all(torch.equal(five[k], straight[k]) for k in five)
+
+
+# -- the plan: keys of per-checkpoint stages ------------------------------------------------------
+def plan(*sets: str) -> dict:
+    from flows.pipeline import plan_pipeline
+    from flows.selection import Selection
+
+    settings = load_settings("tiny", ["workdir=/nonexistent", *sets])
+    return {p.name: p for p in plan_pipeline(settings, Selection())}
+
+
+def test_checkpoints_are_keyed_by_the_training_run_and_iteration_not_its_length():
+    twelve = plan("evaluate.checkpoints=all")
+    eighteen = plan("evaluate.checkpoints=all", "train.train_iters=18")
+    assert [n for n in twelve if "@" in n or n == "scores"] == ["export@6", "evaluate@6", "scores"]
+    assert [n for n in eighteen if "@" in n] == ["export@6", "export@12", "evaluate@6", "evaluate@12"]
+    assert twelve["train"].plan.key != eighteen["train"].plan.key
+    assert twelve["train"].plan.scratch == eighteen["train"].plan.scratch  # one lineage
+    assert eighteen["train"].plan.options == {"keep": [6, 12]}
+    for node in ("export@6", "evaluate@6"):
+        assert twelve[node].plan.key == eighteen[node].plan.key
+    # the final checkpoint of the shorter run is the longer run's intermediate one
+    assert twelve["export"].plan.key == eighteen["export@12"].plan.key
+    assert twelve["evaluate"].plan.key == eighteen["evaluate@12"].plan.key
+    assert eighteen["evaluate@12"].upstream == {"export": "export@12", "download": "download"}
+    assert set(eighteen["scores"].upstream) == {"evaluate@6", "evaluate@12", "evaluate"}
+    # `last` plans today's DAG, with the same keys as `all` for the final stages
+    last = plan()
+    assert [n for n in last if "@" in n or n == "scores"] == []
+    assert last["export"].plan.key == twelve["export"].plan.key
+    assert last["train"].plan.options == {"keep": []}
+    assert last["train"].plan.key == twelve["train"].plan.key  # what is kept is not in the key
+    # Settings that do not change the weights share the run; a moved decay horizon does not.
+    assert plan("train.save_interval=4")["train"].plan.scratch == twelve["train"].plan.scratch
+    assert plan("train.lr_decay_iters=18")["train"].plan.scratch != twelve["train"].plan.scratch
+    # null: the horizon is train_iters (the same run at 12 steps; another one at 18)
+    assert plan("train.lr_decay_iters=null")["train"].plan.scratch == twelve["train"].plan.scratch
+    own = [plan("train.lr_decay_iters=null", f"train.train_iters={n}")["train"].plan.scratch
+           for n in (12, 18)]
+    assert own[0] != own[1]
+    constant = [plan("train.lr_decay_style=constant", "train.lr_decay_iters=null",
+                     f"train.train_iters={n}")["train"].plan.scratch for n in (12, 18)]
+    assert constant[0] == constant[1]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["evaluate.checkpoints=[5, 6]"], "evaluate.checkpoints: iteration 5 is not saved by this run; "
+                                      "it saves 6, 12 (every train.save_interval=6 steps and the last)"),
+    (["evaluate.checkpoints=all", "export.iteration=6"],
+     "export.iteration and evaluate.checkpoints cannot be combined"),
+])
+def test_a_checkpoint_the_run_does_not_save_is_refused_at_plan_time(sets, message):
+    with pytest.raises(UserError) as e:
+        plan(*sets)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_tracker_logging_is_skipped_without_the_tracking_module(tmp_path, log):
+    import importlib.util
+
+    from tasks.evaluate import log_scores
+
+    if importlib.util.find_spec("megatron_bridge.training.tracking") is not None:
+        pytest.skip("the trackers module is installed: its own tests cover logging")
+    assert log_scores(tmp_path, 6, [{"task": "t", "metric": "m", "value": 1.0}], log) is False
+
+
+# -- the whole pipeline, extended ----------------------------------------------------------------
+EVAL = ["evaluate.checkpoints=all", "train.train_iters=12", "train.save_interval=6",
+        "train.lr_warmup_iters=4", "train.global_batch_size=1", "convert.verify=false",
+        "export.verify=false", "evaluate.tasks=[{name: math_500_local, samples: 1}]",
+        "evaluate.max_problems=1", "evaluate.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory, prefect_api):
+    """One workdir: the tiny preset with every checkpoint evaluated (12 steps), then the same
+    run extended to 18 steps (the tests below only read it)."""
+    work = tmp_path_factory.mktemp("checkpoints")
+    first = run_pipeline(work, *EVAL, until=None)
+    second = run_pipeline(work, *EVAL, "train.train_iters=18", "export.push.repo=someone/tiny",
+                          "export.push.revision=v1", "export.push.dry_run=true", until=None)
+    return work, first, second
+
+
+pipeline = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.mark.slow
+@pipeline
+def test_every_saved_checkpoint_is_exported_and_scored(extended):
+    work, (state, states, artifacts), _ = extended
+    assert state.is_completed(), state.message
+    assert {k: v for k, v in states.items() if k.startswith(("export", "evaluate", "scores"))} == {
+        "export@6": "Completed", "export": "Completed", "evaluate@6": "Completed",
+        "evaluate": "Completed", "scores": "Completed"}
+    m = state.result()
+    assert [m[n].meta["iteration"] for n in ("export@6", "export", "evaluate@6", "evaluate")] == [6, 12, 6, 12]
+    assert m["scores"].meta["iterations"] == [6, 12]
+    assert (m["scores"].dir / "scores.png").stat().st_size > 1000
+    rows = json.loads((m["scores"].dir / "scores.json").read_text())
+    assert {(r["iteration"], r["task"]) for r in rows} == {(6, "math_500_local"), (12, "math_500_local")}
+    assert {"export-step6-summary", "evaluate-step6-report", "scores-report", "scores-summary",
+            "evaluate-report"} <= artifacts
+    card = (m["export@6"].dir / "README.md").read_text()
+    assert "Checkpoint of iteration 6" in card and f"train: `{m['train'].meta['lineage']}@6`" in card
+
+
+@pytest.mark.slow
+@pipeline
+def test_a_longer_run_trains_on_and_evaluates_only_its_new_checkpoints(extended, tmp_path):
+    work, (first, _, _), (state, states, _) = extended
+    assert state.is_completed(), state.message
+    assert states["train"] == "Completed"
+    assert {k: v for k, v in states.items() if k.startswith(("export", "evaluate", "scores"))} == {
+        "export@6": "Cached", "export@12": "Cached", "export": "Completed",
+        "evaluate@6": "Cached", "evaluate@12": "Cached", "evaluate": "Completed",
+        "scores": "Completed"}
+    m, before = state.result(), first.result()
+    assert m["evaluate@12"].key == before["evaluate"].key
+    assert m["train"].meta["lineage"] == before["train"].meta["lineage"]
+    log = (m["train"].dir / "train.log").read_text()
+    assert "training: steps 12..18" in log  # resumed the 12-step run's last checkpoint
+    assert [json.loads(x)["step"] for x in (m["train"].dir / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(1, 19))
+    assert m["scores"].meta["iterations"] == [6, 12, 18]
+    # each checkpoint's export is pushed (dry run) to its own branch
+    assert {k: v for k, v in states.items() if k.startswith("push")} == {
+        "push@6": "Completed", "push@12": "Completed", "push": "Completed"}
+    with get_client(sync_client=True) as client:
+        pushed = {a.key: a.description for a in client.read_artifacts(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if a.key and "push" in a.key}
+    assert pushed == {"push-step6-files": "not pushed to someone/tiny@v1-step6",
+                      "push-step12-files": "not pushed to someone/tiny@v1-step12",
+                      "push-files": "not pushed to someone/tiny@v1"}
+
+
+@pytest.mark.slow
+@pipeline
+def test_a_list_with_an_unsaved_iteration_fails_before_anything_runs(extended):
+    work = extended[0]
+    state, states, _ = run_pipeline(work, *EVAL, "evaluate.checkpoints=[6, 9]", until=None)
+    assert state.is_failed() and states == {}
+    assert state.message == ("evaluate.checkpoints: iteration 9 is not saved by this run; it saves "
+                             "6, 12 (every train.save_interval=6 steps and the last)")
