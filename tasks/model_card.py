@@ -25,6 +25,8 @@ def lineage(upstream: dict[str, Manifest]) -> dict[str, Any]:
         "settings": {k: train.key_material["settings"][k] for k in TRAIN_KEYS
                      if k in train.key_material["settings"]},
         "steps": train.meta.get("iterations"), "final_loss": train.meta.get("final_loss"),
+        "final_val_loss": train.meta.get("final_val_loss"),
+        "final_val_tokens": train.meta.get("final_val_tokens"),
         "keys": {name: m.key for name, m in sorted(upstream.items())},
     }
 
@@ -61,7 +63,11 @@ def render(info: dict[str, Any], iteration: int, scores: list[dict[str, Any]] | 
     lines += [f"- {_count(info['train_rows'])} training rows, {_count(info['test_rows'])} held out",
               "", "## Training", "",
               f"{info['steps']} steps (exported: iteration {iteration}), final loss "
-              f"{info['final_loss']:.4f}." if info["final_loss"] is not None else "", "",
+              f"{info['final_loss']:.4f}." if info["final_loss"] is not None else ""]
+    if info.get("final_val_loss") is not None:  # train.eval_interval was on
+        lines += ["", f"Final validation loss (per supervised token of the held-out test split, "
+                      f"{info['final_val_tokens']} tokens): {info['final_val_loss']:.4f}."]
+    lines += ["",
               "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info["settings"].items()]
     if scores:

@@ -6,7 +6,8 @@ The job (`megatron_bridge/training/job.py`) is written into the stage's scratch 
 over. torchrun runs in its own process group with its own timeout; rank-0 lines go to the Prefect
 log, every line to `train.log`; per-step metrics (JSON lines) feed a progress artifact while it
 runs. The artifact is the final checkpoint (Megatron layout, loadable by `rsft convert mcore2hf`)
-with `metrics.jsonl`, `loss.png` and the log.
+with `metrics.jsonl`, `loss.png`, the log and the TensorBoard event files (`tensorboard/`; W&B
+and MLflow runs stay in the scratch folder).
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train")
+    if val := [m for m in metrics if "val_loss" in m]:
+        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per supervised token)")
     fig.tight_layout()
@@ -131,9 +135,14 @@ def build(ctx: BuildContext) -> None:
     metrics = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
     shutil.copyfile(job.metrics_path, ctx.out / "metrics.jsonl")
     shutil.copyfile(work / "train.log", ctx.out / "train.log")
+    if (work / "tensorboard").is_dir():  # W&B and MLflow stay in the scratch folder
+        shutil.copytree(work / "tensorboard", ctx.out / "tensorboard")
     plot_loss(metrics, ctx.out / "loss.png")
     ctx.meta.update(iterations=iteration, final_loss=metrics[-1]["loss"],
                     first_loss=metrics[0]["loss"], device=job.device)
+    if "val_loss" in metrics[-1]:  # validation runs after the last step
+        ctx.meta.update(final_val_loss=metrics[-1]["val_loss"],
+                        final_val_tokens=metrics[-1]["val_tokens"])
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -146,16 +155,22 @@ def _link_or_copy(src: str, dst: str) -> None:
 def report(manifest: Manifest) -> list[dict[str, Any]]:
     metrics = [json.loads(line) for line in (manifest.dir / "metrics.jsonl").read_text().splitlines()]
     every = max(1, len(metrics) // 20)
-    return [{k: m[k] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb")}
+    keys = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb")
+    if any("val_loss" in m for m in metrics):
+        keys += ("val_loss",)
+    return [{k: m.get(k) for k in keys}
             for m in metrics[::every] + ([metrics[-1]] if len(metrics) % every != 1 else [])]
 
 
 def markdown(manifest: Manifest) -> str:
     metrics = [json.loads(line) for line in (manifest.dir / "metrics.jsonl").read_text().splitlines()]
     first, last = metrics[0], metrics[-1]
-    return (f"### Training\n\n{last['step']} steps; loss {first['loss']:.4f} → {last['loss']:.4f}; "
+    val = f"; validation loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+    return (f"### Training\n\n{last['step']} steps; loss {first['loss']:.4f} → {last['loss']:.4f}{val}; "
             f"last step {last['tokens_per_s']:.0f} tokens/s, {last['memory_gb']:.2f} GB peak.\n\n"
-            f"Checkpoint `{manifest.dir}` (Megatron layout), loss curve `loss.png`, log `train.log`.")
+            f"Checkpoint `{manifest.dir}` (Megatron layout), loss curve `loss.png`, log `train.log`"
+            + (", TensorBoard events `tensorboard/`." if (manifest.dir / "tensorboard").is_dir()
+               else "."))
 
 
 def gpus(settings: TrainSettings) -> int:
@@ -169,6 +184,7 @@ def gpus(settings: TrainSettings) -> int:
 STAGE = Stage(
     name="train", version="2", settings=lambda s: s.train, build=build,
     upstream=("convert", "tokenize"), report=report, markdown=markdown, gpus=gpus,
-    records=("metrics.jsonl",),  # per-step seconds and tokens/s; the weights are the content
+    # per-step seconds and tokens/s, the same as event files; the weights are the content
+    records=("metrics.jsonl", "tensorboard/*"),
     description="megatron-core SFT: the final checkpoint, metrics and loss curve",
 )
