@@ -71,10 +71,17 @@ def expected_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
             for key, name in TRACKED.items() if any(key in r for r in records)}
 
 
-def assert_same(got: dict, want: dict, tracker: str) -> None:
+TIMINGS = ("train/tokens_per_s", "train/memory_gb")
+"""Measured, not computed: a step trained again after a kill keeps its first timing in the
+trackers that skip steps they hold, and has the new one in metrics.jsonl."""
+
+
+def assert_same(got: dict, want: dict, tracker: str, timings: bool = True) -> None:
     assert set(got) == set(want), (tracker, sorted(got), sorted(want))
     for key, points in want.items():
         assert [s for s, _ in got[key]] == [s for s, _ in points], (tracker, key, got[key])
+        if key in TIMINGS and not timings:
+            continue
         # TensorBoard keeps float32 (1e-7 relative); tokens/s, memory: the rounded record
         assert [v for _, v in got[key]] == pytest.approx([v for _, v in points], rel=1e-6), \
             (tracker, key)
@@ -142,7 +149,7 @@ def test_kill_9_and_rerun_leaves_no_duplicate_or_missing_step(converted, held_ou
     assert [s for s, _ in want["train/loss"]] == list(range(1, 7))
     assert [s for s, _ in want["val/loss"]] == [2, 4, 6]
     for name, read in READERS.items():
-        assert_same(read(folder), want, name)
+        assert_same(read(folder), want, name, timings=False)
     # One tracking run per tracker, continued: the same W&B id in two sessions, one MLflow run.
     assert len(list((folder / "wandb").glob("offline-run-*"))) == 2
     assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 2
