@@ -302,7 +302,8 @@ def test_validation_loss_is_the_per_token_loss_of_the_held_out_rows(converted, h
     from megatron_bridge.training.trainer import run
 
     j = job(converted, held_out, tmp_path / "save", train_iters=2, global_batch_size=2,
-            eval_interval=2, eval_iters=eval_iters, save_interval=2, attention_dropout=0.1,
+            eval_interval=2, eval_iters=eval_iters, save_interval=2, attention_dropout=0.5,
+            hidden_dropout=0.5,  # validation runs in eval mode: no dropout
             report_to=[])
     run(j)
     (record,) = [r for r in metrics(j) if "val_loss" in r]
