@@ -244,7 +244,8 @@ def run(job: TrainJob) -> None:
                 tokens, flops = batch_work(micro, meta["hf_config"])
                 done = step + 1
                 val = None
-                if validation and should_validate(done, t):
+                # Every rank, one holding no validation row too: the sums are collectives.
+                if validation is not None and should_validate(done, t):
                     val = stepper.evaluate(validation.micro_batches(), len(validation),
                                            stats["seq_length"])
                 if log and (should_log(done, t) or val):
