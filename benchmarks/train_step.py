@@ -19,7 +19,15 @@ block-diagonal causal mask inside the timed step. Steps rotate through the varia
 --warmup warm-up steps each, so drift and noise (CPU steal, other processes) fall on all.
 Target: ours ≤ 1.10× bare step time (median; the median of the per-step ratios is shown too).
 
+Then the cost of experiment tracking: `Stepper.step` plus `Trackers.log` of the step's scalars
+(what the trainer does on rank 0) with `report_to: []`, `[tensorboard]`, and `[wandb]` (offline)
+and `[mlflow]` (file store) when installed, each in --rounds blocks of --tracking-steps steps
+with its trackers open only during its blocks (W&B's service process then runs only in its own),
+block order rotating. Target: ≤ 1.02× the step time without tracking; the `log` column is the
+median time of the `Trackers.log` call itself.
+
     python benchmarks/train_step.py [--layers 2] [--hidden 64] [--seq 512] [--micro 2] [--steps 10]
+                                    [--tracking-steps 6] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import numpy as np
 import torch
 
 TARGET = 1.10
+TRACKING_TARGET = 1.02
 
 
 def hf_config(layers: int, hidden: int) -> dict:
@@ -130,6 +139,9 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2, help="micro-batches (one row each) per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tracking-steps", type=int, default=6,
+                        help="steps per tracking block (the first of each untimed); 0: skip")
+    parser.add_argument("--rounds", type=int, default=3, help="blocks of each tracking setting")
     parser.add_argument("--before", default="bd391a2",
                         help="git commit whose CpuStepper to time too (the step this one replaced)")
     args = parser.parse_args()
@@ -186,6 +198,9 @@ def main() -> None:
                 if step >= args.warmup:
                     times[name].append(took)
         redirects = sum(compat.REDIRECTS.values()) / total_steps
+        if args.tracking_steps:
+            tracking = tracking_overhead(steppers["ours"], step_batches, settings, args,
+                                         Path(tmp))
 
     def stats(xs):
         return statistics.median(xs), statistics.fmean(xs), min(xs)
@@ -214,6 +229,61 @@ def main() -> None:
         print(f"(before: git has no CpuStepper at {args.before}; nothing to compare with)")
     print(f"CPU shims: {redirects:.0f} CUDA requests of megatron-core redirected per step "
           "(compat.cuda_as_cpu; the forward runs outside it)")
+    if args.tracking_steps:
+        print_tracking(tracking, args)
+
+
+def tracking_overhead(stepper, step_batches, settings, args, tmp: Path) -> dict:
+    """{report_to label: (step+log seconds, log seconds)} over the rounds' timed steps."""
+    import importlib.util
+    import os
+
+    from megatron_bridge.training.tracking import open_trackers
+    from megatron_bridge.training.trainer import memory_gb, scalars
+
+    os.environ.setdefault("WANDB_MODE", "offline")  # no network, no account
+    os.environ.setdefault("WANDB_SILENT", "true")
+    configs = [[]] + [[n] for n in ("tensorboard", "wandb", "mlflow")
+                      if importlib.util.find_spec(n)]
+    times = {",".join(c) or "none": ([], []) for c in configs}
+    done = dict.fromkeys(times, 0)
+    for rnd in range(args.rounds):
+        for config in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
+            label = ",".join(config) or "none"
+            trackers = open_trackers(settings.model_copy(update={"report_to": config}),
+                                     tmp / "tracking" / label, "bench", done[label])
+            for i in range(args.tracking_steps):
+                micro = step_batches[i % len(step_batches)]
+                start = time.perf_counter()
+                result = stepper.step(micro, settings.lr)
+                logged = time.perf_counter()
+                done[label] += 1
+                trackers.log(done[label], scalars({
+                    "loss": result["loss"], "lr": settings.lr, "grad_norm": result["grad_norm"],
+                    "supervised_tokens": result["supervised_tokens"],
+                    "tokens_per_s": 1.0 / (logged - start), "memory_gb": memory_gb()}))
+                end = time.perf_counter()
+                if i:  # the first step of a block pays for opening the trackers' files
+                    times[label][0].append(end - start)
+                    times[label][1].append(end - logged)
+            trackers.close()
+    return times
+
+
+def print_tracking(times: dict, args) -> None:
+    base = statistics.median(times["none"][0])
+    print(f"tracking: {args.rounds} blocks × {args.tracking_steps - 1} timed steps per setting, "
+          "rotating; step = Stepper.step + Trackers.log")
+    # `ratio` includes what runs beside the step (TensorBoard's writer thread, W&B's service
+    # process) but also the machine's noise; `log/step` is the call alone, noise-free.
+    print(f"{'report_to':26}{'step s (med)':>13}{'log ms (med)':>14}{'ratio':>8}"
+          f"{'log/step':>10}{'target':>8}")
+    for label, (steps, logs) in times.items():
+        med, log = statistics.median(steps), statistics.median(logs)
+        verdict = ("" if label == "none" else
+                   "  ok" if med <= TRACKING_TARGET * base else "  OVER")
+        print(f"{label:26}{med:13.3f}{1e3 * log:14.2f}{med / base:8.3f}{log / base:10.2%}"
+              f"{'' if label == 'none' else f'≤{TRACKING_TARGET:.2f}':>8}{verdict}")
 
 
 if __name__ == "__main__":

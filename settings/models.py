@@ -268,6 +268,25 @@ class KubernetesLaunchSettings(Strict):
     get/create/patch/delete, pods get/list and pods/log get)."""
 
 
+class TrackingSettings(Strict):
+    """Where `train.report_to` sends the metrics (names and places only: never part of an
+    artifact key)."""
+
+    project: str = not_in_key(default="reasoning-sft")
+    """W&B project and MLflow experiment name."""
+    run_name: str | None = not_in_key(default=None)
+    """Name of the tracking run; null: `rsft-<train key>` (the stage's scratch folder), so a
+    rerun that resumes training continues the same run."""
+    tags: list[str] = not_in_key(default_factory=list)
+    """Tags of the W&B / MLflow run."""
+    wandb_entity: str | None = not_in_key(default=None)
+    """W&B team or user (null: your default entity). `WANDB_MODE=offline` writes the run under
+    the scratch folder's `wandb/` without any network (`wandb sync` uploads it later)."""
+    mlflow_tracking_uri: str | None = not_in_key(default=None)
+    """MLflow tracking server or store; null: a local file store `mlruns/` in the training
+    scratch folder (no network; `mlflow ui --backend-store-uri <it>` shows it)."""
+
+
 class TrainSettings(Strict):
     """Stage `train`: megatron-core SFT under torchrun."""
 
@@ -351,6 +370,20 @@ class TrainSettings(Strict):
     """Model-init / dropout / data-order seed."""
     log_interval: int = not_in_key(default=1, ge=1)
     """Log metrics every N steps."""
+    eval_interval: int = not_in_lineage(default=0, ge=0)
+    """Validation loss on the test split (`dataset.test_split`) every N steps and after the last
+    (0 = off): the per-token loss of the supervised tokens, masked as in training, forward only.
+    In `metrics.jsonl` (`val_loss`, `val_tokens`), the trackers and the model card."""
+    eval_iters: int | None = not_in_lineage(default=None, ge=1)
+    """Validation on the first N global batches (`global_batch_size` rows each) of the test
+    split; null: the whole test split."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = not_in_key(
+        default_factory=lambda: ["tensorboard"])
+    """Experiment trackers fed by rank 0 as training goes: `tensorboard` (event files in the
+    train artifact's `tensorboard/`), `wandb`, `mlflow` (these two need
+    `pip install 'reasoning-sft[tracking]'`). `[]`: none."""
+    tracking: TrackingSettings = not_in_key(default_factory=TrackingSettings)
+    """Project, run name, tags and MLflow store of the trackers."""
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSettings":
@@ -562,3 +595,10 @@ class PipelineSettings(Strict):
     """Retries of network steps on transient failures."""
     notify: NotifySettings = Field(default_factory=NotifySettings)
     """Notification on failed or crashed runs."""
+
+    @model_validator(mode="after")
+    def _validation_needs_a_test_split(self) -> "PipelineSettings":
+        if self.train.eval_interval and not self.dataset.test_split:
+            raise ValueError(f"train.eval_interval={self.train.eval_interval} needs held-out rows: "
+                             "set dataset.test_split (e.g. 0.05), or train.eval_interval: 0")
+        return self

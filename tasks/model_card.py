@@ -13,12 +13,18 @@ TRAIN_KEYS = ("global_batch_size", "micro_batch_size", "lr", "min_lr", "lr_warmu
               "tensor_parallel", "pipeline_parallel")
 
 
-def _loss_at(train: Manifest, iteration: int) -> tuple[int | None, float | None]:
-    """The last logged step at or before `iteration` and its loss (from metrics.jsonl)."""
+def _losses_at(train: Manifest, iteration: int) -> dict[str, Any]:
+    """The last logged train loss and validation loss at or before `iteration`, with their steps
+    (from metrics.jsonl)."""
     path = train.dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    logged = [r for r in records if r["step"] <= iteration]
-    return (logged[-1]["step"], logged[-1]["loss"]) if logged else (None, None)
+    logged = [r for r in records if r["step"] <= iteration and r.get("loss") is not None]
+    val = [r for r in records if r["step"] <= iteration and r.get("val_loss") is not None]
+    return {"loss_step": logged[-1]["step"] if logged else None,
+            "loss": logged[-1]["loss"] if logged else None,
+            "val_step": val[-1]["step"] if val else None,
+            "val_loss": val[-1]["val_loss"] if val else None,
+            "val_tokens": val[-1].get("val_tokens") if val else None}
 
 
 def lineage(upstream: dict[str, Manifest], iteration: int) -> dict[str, Any]:
@@ -29,7 +35,6 @@ def lineage(upstream: dict[str, Manifest], iteration: int) -> dict[str, Any]:
     base = download.meta.get("repo") or download.meta.get("source") or download.meta.get("local_dir")
     settings = dict(train.key_material["settings"])
     settings["lr_decay_iters"] = train.meta.get("decay_iters", settings.get("lr_decay_iters"))
-    loss_step, loss = _loss_at(train, iteration)
     run = train.meta.get("lineage", train.key)
     return {
         "base_model": base,
@@ -38,7 +43,7 @@ def lineage(upstream: dict[str, Manifest], iteration: int) -> dict[str, Any]:
                     for s in dataset.key_material["settings"]["sources"]],
         "train_rows": dataset.meta.get("train"), "test_rows": dataset.meta.get("test"),
         "settings": {k: settings[k] for k in TRAIN_KEYS if k in settings},
-        "iteration": iteration, "loss_step": loss_step, "loss": loss, "run": run,
+        "iteration": iteration, **_losses_at(train, iteration), "run": run,
         "keys": {name: f"{run}@{iteration}" if name == "train" else m.key
                  for name, m in sorted(upstream.items())},
     }
@@ -77,8 +82,11 @@ def render(info: dict[str, Any], iteration: int, scores: list[dict[str, Any]] | 
             if info.get("loss") is not None else "")
     lines += [f"- {_count(info['train_rows'])} training rows, {_count(info['test_rows'])} held out",
               "", "## Training", "",
-              f"Checkpoint of iteration {iteration} (training run `{info['run']}`){loss}.", "",
-              "| setting | value |", "|---|---|"]
+              f"Checkpoint of iteration {iteration} (training run `{info['run']}`){loss}."]
+    if info.get("val_loss") is not None:  # train.eval_interval was on
+        lines += ["", f"Validation loss at step {info['val_step']} (per supervised token of the "
+                      f"held-out test split, {info['val_tokens']} tokens): {info['val_loss']:.4f}."]
+    lines += ["", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info["settings"].items()]
     if scores:
         lines += ["", "## Evaluation (lighteval)", "", *scores_table(scores)]

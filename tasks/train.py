@@ -6,10 +6,11 @@ training run's *lineage* — the artifact's key material without the run's lengt
 cadence, plus the learning-rate decay horizon — so a rerun (after a crash, a kill, a timeout)
 resumes from the latest checkpoint there, and a longer run of the same lineage continues the
 shorter one (Megatron-LM's way of extending a run: raise `train_iters`, keep `lr_decay_iters`).
-One run trains in a lineage's folder at a time (a file lock). torchrun runs in its own process group with its own timeout; rank-0 lines go to the Prefect
-log, every line to `train.log`; per-step metrics (JSON lines) feed a progress artifact while it
-runs. The artifact is the final checkpoint (Megatron layout, loadable by `rsft convert mcore2hf`)
-with `metrics.jsonl`, `loss.png` and the log.
+One run trains in a lineage's folder at a time (a file lock). torchrun runs in its own process
+group with its own timeout; rank-0 lines go to the Prefect log, every line to `train.log`; per-step
+metrics (JSON lines) feed a progress artifact while it runs. The artifact is the final checkpoint (Megatron layout, loadable by `rsft convert mcore2hf`)
+with `metrics.jsonl`, `loss.png`, the log and the TensorBoard event files (`tensorboard/`; W&B
+and MLflow runs stay in the scratch folder).
 """
 
 from __future__ import annotations
@@ -303,6 +304,10 @@ def _train(ctx: BuildContext, settings: TrainSettings, work: Path) -> None:
     ctx.meta.update(iterations=iteration, final_loss=metrics[-1]["loss"],
                     first_loss=metrics[0]["loss"], device=job.device, lineage=work.name,
                     decay_iters=settings.decay_iters)
+    if (work / "tensorboard").is_dir():  # W&B and MLflow stay in the scratch folder
+        shutil.copytree(work / "tensorboard", ctx.out / "tensorboard")
+    if (val := final_losses(metrics))["val_loss"] is not None:
+        ctx.meta.update(final_val_loss=val["val_loss"], final_val_step=val["val_step"])
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -345,8 +350,8 @@ def markdown(manifest: Manifest) -> str:
             f"{losses['loss']:.4f}{val}; last step {last['tokens_per_s']:.0f} tokens/s, "
             f"{last['memory_gb']:.2f} GB peak.\n\n"
             f"{inline_png(manifest.dir / 'loss.png', 'loss curve')}\n\n"
-            f"Checkpoint `{manifest.dir}` (Megatron layout), with `loss.png`, `metrics.jsonl` and "
-            "`train.log`.")
+            f"Checkpoint `{manifest.dir}` (Megatron layout), with `loss.png`, `metrics.jsonl`, "
+            "`train.log` and TensorBoard events in `tensorboard/`.")
 
 
 def gpus(settings: TrainSettings) -> int:
@@ -361,7 +366,8 @@ STAGE = Stage(
     name="train", version="3", settings=lambda s: s.train, build=build,
     upstream=("convert", "tokenize"), report=report, markdown=markdown, gpus=gpus,
     lineage=lineage,
-    # Per-step seconds and tokens/s, and the run's id; the weights are the content.
-    records=("metrics.jsonl", RUN_RECORD),
+    # Per-step seconds and tokens/s (also in the event files), the run's id; the weights are
+    # the content.
+    records=("metrics.jsonl", RUN_RECORD, "tensorboard/*"),
     description="megatron-core SFT: the final checkpoint, metrics and loss curve",
 )

@@ -234,7 +234,9 @@ def tokenized(root: Path, tokenizer: Path, settings: TokenizeSettings, rows: int
                   **dataset)
     out = root / "tok"
     out.mkdir()
-    tokenize_dataset(settings, {"train": root / "ds" / "train.parquet"}, tokenizer, out, LOG)
+    splits = {s: root / "ds" / f"{s}.parquet" for s in ("train", "test")}
+    tokenize_dataset(settings, {s: f for s, f in splits.items() if f.is_file()}, tokenizer, out,
+                     LOG)
     return out
 
 
@@ -245,6 +247,14 @@ def converted(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mcore") / "ckpt"
     hf_to_mcore(tiny_model_dir, out, 1, 1)
     return out
+
+
+@pytest.fixture(scope="session")
+def held_out(patched_tokenizer, tmp_path_factory) -> Path:
+    """`data`'s 8 traces with 3 of them held out as the test split (validation loss)."""
+    return tokenized(tmp_path_factory.mktemp("held-out"), patched_tokenizer,
+                     TokenizeSettings(seq_length=SEQ, overlong="truncate", pack=False, workers=1),
+                     test_split=3)
 
 
 @pytest.fixture(scope="session")

@@ -232,6 +232,10 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     m = state.result()
     train = m["train"]
     assert train.meta["iterations"] == 2 and (train.dir / "loss.png").is_file()
+    # validation on the preset's 4 held-out traces; TensorBoard events kept as a record
+    assert train.meta["final_val_loss"] > 0 and train.meta["final_val_step"] == 2
+    events = [f for f in train.files if f.path.startswith("tensorboard/events.out.tfevents.")]
+    assert events and all(f.record for f in events)
     assert (train.dir / "latest_checkpointed_iteration.txt").read_text() == "2"
     convert = m["convert"]
     assert convert.inputs == {"download": m["download"].content_hash}
@@ -252,6 +256,7 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
     check_loads_and_generates_to_eos(export)
     card = (export / "README.md").read_text()
     assert "builtin:openmathreasoning-r1-64" in card and f"train: `{train.meta['lineage']}@2`" in card
+    assert f"): {train.meta['final_val_loss']:.4f}." in card  # the validation loss at step 2
 
     # evaluate: lighteval's scores as a table artifact of this flow run, hybrid metrics, the card
     evaluate = m["evaluate"].dir

@@ -290,6 +290,45 @@ def test_loss_falls_clearly_on_the_real_traces(converted, data, tmp_path):
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000024"]
 
 
+@pytest.mark.parametrize("eval_iters, rows", [(None, 3), (1, 2)], ids=["whole-split", "one-batch"])
+def test_validation_loss_is_the_per_token_loss_of_the_held_out_rows(converted, held_out, tmp_path,
+                                                                     eval_iters, rows):
+    """The logged validation loss of a checkpoint, recomputed plainly: its weights exported to
+    transformers, each test sample alone, cross-entropy of the next token where the stored mask
+    says the token is a target, summed and divided by the number of targets."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_bridge.data.indexed import SFTDataset
+    from megatron_bridge.training.trainer import run
+
+    j = job(converted, held_out, tmp_path / "save", train_iters=2, global_batch_size=2,
+            eval_interval=2, eval_iters=eval_iters, save_interval=2, attention_dropout=0.5,
+            hidden_dropout=0.5,  # validation runs in eval mode: no dropout
+            report_to=[])
+    run(j)
+    (record,) = [r for r in metrics(j) if "val_loss" in r]
+    assert record["step"] == 2
+    exported(Path(j.save), tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    test = SFTDataset(held_out / "test")
+    assert len(test) == 3
+    total, count = 0.0, 0
+    for row in range(rows):  # the split's first rows: `eval_iters` global batches of 2
+        ids, mask, lengths = test.row(row)
+        start = 0
+        for n in lengths.tolist():
+            sample = torch.from_numpy(ids[start:start + n].astype(np.int64))[None]
+            target = torch.from_numpy(mask[start + 1:start + n].astype(bool))
+            with torch.no_grad():
+                logits = model(sample).logits[0, :-1]
+            losses = F.cross_entropy(logits, sample[0, 1:], reduction="none")
+            total += losses[target].double().sum().item()
+            count += int(target.sum())
+            start += n
+    assert record["val_tokens"] == count
+    assert record["val_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
 # -- bad input: one line, before any step -----------------------------------------------------------
 def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())

@@ -1,6 +1,7 @@
 """The one training step under torchrun (gloo, 2 processes): every layout megatron-core offers
-equals one process, the distributed optimizer's weights include the last update, and a kill -9
-mid-run resumes bit-identically (plain and distributed optimizer, with attention dropout)."""
+equals one process (training and validation loss), the distributed optimizer's weights include
+the last update, and a kill -9 mid-run resumes bit-identically (plain and distributed optimizer,
+with attention dropout)."""
 
 from __future__ import annotations
 
@@ -68,15 +69,17 @@ def tied(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(converted, tied, data, tmp_path_factory):  # noqa: F811
-    """The reference: one process (in this one), per model."""
+def one_process(converted, tied, held_out, tmp_path_factory):  # noqa: F811
+    """The reference: one process (in this one), per model; validation loss at steps 2 and 4
+    (3 test rows: uneven over two data-parallel ranks)."""
     from megatron_bridge.training.trainer import run
 
     runs = {}
     for name, ckpt in (("untied", converted), ("tied", tied)):
         # A small learning rate: Adam turns rounding noise in near-zero gradients into ±lr
         # steps, which would dominate the comparison; the last update (lr 1e-5) must not.
-        j = job(ckpt, data, tmp_path_factory.mktemp("one") / name, lr=1e-4, min_lr=1e-5)
+        j = job(ckpt, held_out, tmp_path_factory.mktemp("one") / name, lr=1e-4, min_lr=1e-5,
+                eval_interval=2)
         run(j)
         runs[name] = (j, metrics(j))
     return runs
@@ -106,6 +109,12 @@ def test_two_processes_match_one(one_process, tmp_path, layout):
         assert (a["tokens"], a["supervised_tokens"]) == (b["tokens"], b["supervised_tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
+        # Validation: the same rows, each counted once, through every layout's forward.
+        assert ("val_loss" in a) == ("val_loss" in b)
+        if "val_loss" in a:
+            assert a["val_tokens"] == b["val_tokens"]
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5), (a, b)
+    assert [r["step"] for r in got if "val_loss" in r] == [2, 4]
     # Every parameter of the model, the last update included (the distributed optimizer's
     # overlapped all-gather would otherwise leave the other rank's shards one step behind).
     ours = exported(Path(two.save), tmp_path / "two-hf")

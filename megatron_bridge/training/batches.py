@@ -111,3 +111,24 @@ class Batches:
         mine = rows[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         return [pack_rows(self.dataset, mine[i:i + self.micro_batch], self.seq_length)
                 for i in range(0, per_rank, self.micro_batch)]
+
+
+class Validation:
+    """This data-parallel rank's share of the validation rows: the first `eval_iters` global
+    batches of the test split, or all of it (None), in the split's order; rank r takes rows
+    r, r + dp, … one row per micro-batch (uniform shapes for the pipeline schedule, and every
+    row counted exactly once whatever the layout)."""
+
+    def __init__(self, dataset: SFTDataset, seq_length: int, eval_iters: int | None,
+                 global_batch: int, dp_rank: int, dp_size: int):
+        self.dataset, self.seq_length = dataset, seq_length
+        total = len(dataset) if eval_iters is None else min(len(dataset), eval_iters * global_batch)
+        self.rows = np.arange(total)[dp_rank::dp_size]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def micro_batches(self):
+        """Built as the schedule asks for them (a whole test split is not held in memory)."""
+        for row in self.rows:
+            yield pack_rows(self.dataset, np.array([row]), self.seq_length)

@@ -80,6 +80,12 @@ class TrainJob(BaseModel):
     def metrics_path(self) -> Path:
         return Path(self.metrics or Path(self.save) / "metrics.jsonl")
 
+    @property
+    def run_folder(self) -> Path:
+        """The run's scratch folder, beside metrics.jsonl: the trackers' files
+        (`tensorboard/`, `wandb/`, `mlruns/`, `tracking.json`)."""
+        return self.metrics_path.parent
+
     def check(self, world_size: int, model_meta: dict[str, Any], data_stats: dict[str, Any]) -> None:
         """Everything that can be known wrong before building the model (the settings' own
         consistency was validated with them)."""
@@ -119,6 +125,14 @@ class TrainJob(BaseModel):
         if max_pos and data_stats["seq_length"] > max_pos:
             raise UserError(f"the data's seq_length {data_stats['seq_length']} is above the model's "
                            f"max_position_embeddings {max_pos}; re-tokenize with a shorter one")
+        test = data_stats["splits"].get("test", {}).get("rows", 0)
+        if t.eval_interval and not test:
+            raise UserError(f"train.eval_interval={t.eval_interval} needs a test split, and the "
+                            "data has none: set dataset.test_split (e.g. 0.05), or "
+                            "train.eval_interval: 0")
+        from megatron_bridge.training.tracking import check_installed
+
+        check_installed(t.report_to)
         rows = data_stats["splits"]["train"]["rows"]
         if rows < t.global_batch_size:
             raise UserError(f"the data has {rows} rows, fewer than one global batch "

@@ -20,7 +20,7 @@ CUDA hard-codes of megatron-core are redirected by `compat.cuda_as_cpu()`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -137,18 +137,36 @@ class Stepper:
                 seq_length=micro_batches[0].tokens.shape[1],
                 micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
 
-    def step(self, micro_batches: list[MicroBatch], lr: float) -> dict[str, Any]:
+    def evaluate(self, micro_batches: Iterator[MicroBatch], count: int,
+                 seq_length: int) -> tuple[float, int]:
+        """Validation: the per-token loss (summed over supervised tokens of every micro-batch
+        and data-parallel rank, divided by their count: the training loss's convention and
+        masks) and that count, forward only through the same schedule, in eval mode (no
+        dropout). `count` one-row micro-batches on this rank (0: none here); every rank
+        returns the totals."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.sync_params()  # the distributed optimizer's last update, on every rank's copy
+        reports: list[dict[str, torch.Tensor]] = []
+        if count:
+            self.model.eval()
+            try:
+                with torch.no_grad(), compat.cuda_as_cpu():
+                    reports = get_forward_backward_func()(
+                        forward_step_func=self.forward_step, data_iterator=micro_batches,
+                        model=[self.model], num_microbatches=count, seq_length=seq_length,
+                        micro_batch_size=1, forward_only=True)
+            finally:
+                self.model.train()
+        loss_sum, tokens = self._reduce(reports)
+        return loss_sum / max(tokens, 1.0), int(tokens)
+
+    def _reduce(self, reports: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """(loss sum, supervised tokens) over the micro-batches of every data-parallel rank.
+        The loss lives on the last pipeline stage: sum it over data-parallel ranks, then hand
+        it to every stage (zeros elsewhere), so rank 0 can log it."""
         from megatron.core import parallel_state as ps
 
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-            # Megatron marks biases and 1-D params wd_mult 0; only its LR scheduler applies it.
-            group["weight_decay"] = self.settings.weight_decay * group["wd_mult"]
-        reports = self.forward_backward(micro_batches)
-        with compat.cuda_as_cpu():
-            updated, grad_norm, _ = self.optimizer.step()
-        # The loss lives on the last pipeline stage: sum it over data-parallel ranks, then hand it
-        # to every stage (zeros elsewhere), so rank 0 can log it.
         totals = torch.zeros(2, dtype=torch.float64, device=device())
         if ps.is_pipeline_last_stage():
             for r in reports:
@@ -156,6 +174,17 @@ class Stepper:
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
         loss_sum, tokens = totals.tolist()
+        return loss_sum, tokens
+
+    def step(self, micro_batches: list[MicroBatch], lr: float) -> dict[str, Any]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            # Megatron marks biases and 1-D params wd_mult 0; only its LR scheduler applies it.
+            group["weight_decay"] = self.settings.weight_decay * group["wd_mult"]
+        reports = self.forward_backward(micro_batches)
+        with compat.cuda_as_cpu():
+            updated, grad_norm, _ = self.optimizer.step()
+        loss_sum, tokens = self._reduce(reports)
         return {"loss": loss_sum / max(tokens, 1.0), "grad_norm": float(grad_norm or 0.0),
                 "supervised_tokens": int(tokens), "skipped": not updated,
                 "loss_scale": float(self.optimizer.get_loss_scale())}

@@ -1,6 +1,8 @@
 """The training loop: check the job, build the model from the converted checkpoint's metadata,
 start from it (`finetune`) or resume the save folder's latest checkpoint, then step, log
-metrics (rank 0, JSON lines) and save every `save_interval` steps and at the end."""
+metrics (rank 0: JSON lines and the experiment trackers of `report_to`), measure the validation
+loss on the test split every `eval_interval` steps and save every `save_interval` steps and at
+the end."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from megatron_bridge.build import build_model
 from megatron_bridge.data.indexed import SFTDataset
 from megatron_bridge.parallel import model_parallel
 from megatron_bridge.training import state
-from megatron_bridge.training.batches import Batches
+from megatron_bridge.training.batches import Batches, Validation
 from megatron_bridge.training.job import TrainJob, packed_sequences
 from megatron_bridge.training.schedule import learning_rate
 from megatron_bridge.training.step import Stepper, device
+from megatron_bridge.training.tracking import open_trackers
 from settings.errors import UserError
 from settings.models import TrainSettings
 
@@ -134,6 +137,21 @@ def should_save(done: int, settings: TrainSettings) -> bool:
     return due(done, settings.save_interval, settings)
 
 
+def should_validate(done: int, settings: TrainSettings) -> bool:
+    return settings.eval_interval > 0 and due(done, settings.eval_interval, settings)
+
+
+TRACKED = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "tokens_per_s": "train/tokens_per_s", "supervised_tokens": "train/supervised_tokens",
+           "memory_gb": "train/memory_gb", "mfu": "train/mfu", "loss_scale": "train/loss_scale",
+           "val_loss": "val/loss", "val_tokens": "val/tokens"}
+"""metrics.jsonl fields → tracker scalar names (those present in a step's record)."""
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    return {name: float(record[key]) for key, name in TRACKED.items() if key in record}
+
+
 class MetricsLog:
     """Rank 0's per-step records: JSON lines in `path` and a `step …` line printed for each.
 
@@ -153,7 +171,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        print(f"step {record['step']}/{self.total} loss {record['loss']:.4f} "
+        val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        print(f"step {record['step']}/{self.total} loss {record['loss']:.4f}{val} "
               f"lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3f} "
               f"{record['tokens_per_s']:.0f} tok/s", flush=True)
 
@@ -203,11 +222,19 @@ def run(job: TrainJob) -> None:
         batches = Batches(SFTDataset(Path(job.data) / "train"), stats["seq_length"],
                           t.global_batch_size, t.micro_batch_size, ps.get_data_parallel_rank(),
                           ps.get_data_parallel_world_size(), t.seed)
-        log = None
+        validation = None
+        if t.eval_interval:
+            validation = Validation(SFTDataset(Path(job.data) / "test"), stats["seq_length"],
+                                    t.eval_iters, t.global_batch_size,
+                                    ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        log = trackers = None
         if dist.get_rank() == 0:
             print(banner(job, start, world, stats["seq_length"], stepper.packed), flush=True)
             save_dir.mkdir(parents=True, exist_ok=True)
             log = MetricsLog(job.metrics_path, t.train_iters, start)
+            if t.report_to:
+                trackers = open_trackers(t, job.run_folder, t.tracking.run_name
+                                         or f"rsft-{job.run_folder.name}", start)
         try:
             for step in range(start, t.train_iters):
                 micro = batches.step(step)
@@ -218,11 +245,23 @@ def run(job: TrainJob) -> None:
                 seconds = time.perf_counter() - began
                 tokens, flops = batch_work(micro, meta["hf_config"])
                 done = step + 1
-                if log and should_log(done, t):
-                    log.write(record(done, result, lr, seconds, tokens, flops, job, world))
+                val = None
+                # Every rank, one holding no validation row too: the sums are collectives.
+                if validation is not None and should_validate(done, t):
+                    val = stepper.evaluate(validation.micro_batches(), len(validation),
+                                           stats["seq_length"])
+                if log and (should_log(done, t) or val):
+                    metrics = record(done, result, lr, seconds, tokens, flops, job, world)
+                    if val:
+                        metrics.update(val_loss=val[0], val_tokens=val[1])
+                    log.write(metrics)
+                    if trackers:
+                        trackers.log(done, scalars(metrics))
                 if should_save(done, t):
                     state.save(save_dir, done, stepper, trained_metadata(meta, t), t.keep_last,
                                set(job.keep))
         finally:
             if log:
                 log.close()
+            if trackers:
+                trackers.close()
