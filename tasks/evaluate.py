@@ -98,23 +98,28 @@ def log_scores(run_folder: Path, iteration: int, rows: list[dict[str, Any]], log
     scratch folder, whose `job.json` holds the `train` settings the trackers are configured by
     (`megatron_bridge/training/tracking.py`, present when that module is installed). Returns
     whether anything was logged; a tracker failing never fails the evaluation."""
-    if importlib.util.find_spec("megatron_bridge.training.tracking") is None:
-        return False
     job_path = run_folder / "job.json"
     if not job_path.is_file():
         return False
+    from filelock import FileLock
+
     from megatron_bridge.training.job import TrainJob
     from megatron_bridge.training.tracking import open_trackers
 
+    train = TrainJob.read(job_path).train
+    if not train.report_to:
+        return False
     values = {f"eval/{r['task']}/{r['metric']}": r["value"] for r in rows
               if isinstance(r["value"], (int, float))}
     try:
-        trackers = open_trackers(TrainJob.read(job_path).train, run_folder,
-                                 f"rsft-{run_folder.name}", iteration)
-        try:
-            trackers.log(iteration, values)
-        finally:
-            trackers.close()
+        # Evaluations of several checkpoints may finish together: one writer of the run at a time.
+        with FileLock(run_folder / ".tracking.lock"):
+            trackers = open_trackers(train, run_folder, train.tracking.run_name
+                                     or f"rsft-{run_folder.name}", None)
+            try:
+                trackers.log(iteration, values)
+            finally:
+                trackers.close()
     except Exception as e:  # noqa: BLE001 - the scores are in the artifact; trackers are a view
         log.warning("evaluate: the trackers did not take the scores of step %d (%s: %s)",
                     iteration, type(e).__name__, e)

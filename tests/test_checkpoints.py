@@ -122,16 +122,6 @@ def test_a_checkpoint_the_run_does_not_save_is_refused_at_plan_time(sets, messag
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
-def test_tracker_logging_is_skipped_without_the_tracking_module(tmp_path, log):
-    import importlib.util
-
-    from tasks.evaluate import log_scores
-
-    if importlib.util.find_spec("megatron_bridge.training.tracking") is not None:
-        pytest.skip("the trackers module is installed: its own tests cover logging")
-    assert log_scores(tmp_path, 6, [{"task": "t", "metric": "m", "value": 1.0}], log) is False
-
-
 # -- the whole pipeline, extended ----------------------------------------------------------------
 EVAL = ["evaluate.checkpoints=all", "train.train_iters=12", "train.save_interval=6",
         "train.lr_warmup_iters=4", "train.global_batch_size=1", "convert.verify=false",

@@ -228,3 +228,31 @@ def test_validation_without_a_test_split_is_refused_before_training(converted, d
                                         r"data has none: set dataset.test_split"):
         run(j)
     assert not j.metrics_path.exists()
+
+
+def test_a_checkpoints_scores_join_its_training_run_without_touching_the_training_points(
+        tmp_path, offline, log):
+    """`evaluate` logs `eval/<task>/<metric>` at the checkpoint's step into the run training
+    wrote (after it, and possibly after later steps): nothing of the run's is purged or skipped."""
+    from megatron_bridge.training.job import TrainJob
+    from settings.models import TrainSettings
+    from tasks.evaluate import log_scores
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    train = TrainSettings(device="cpu", report_to=["tensorboard", "mlflow"])
+    TrainJob(train=train, checkpoint="c", data="d", save=str(folder / "checkpoints"),
+             device="cpu").write(folder / "job.json")
+    trackers = tracking.open_trackers(train, folder, "run", 0)
+    for step in range(1, 13):
+        trackers.log(step, {"train/loss": 1.0 / step})
+    trackers.close()
+    rows = [{"task": "math_500_local", "metric": "pass@k:k=1&n=2", "value": 0.25}]
+    assert log_scores(folder, 12, rows, log) and log_scores(folder, 6, rows, log)
+    for name in ("tensorboard", "mlflow"):
+        series = READERS[name](folder)
+        assert [s for s, _ in series["train/loss"]] == list(range(1, 13)), name
+        key = "eval/math_500_local/pass@k:k=1&n=2"
+        key = tracking.mlflow_name(key) if name == "mlflow" else key  # MLflow's allowed characters
+        assert sorted(series[key]) == [(6, 0.25), (12, 0.25)], name
+

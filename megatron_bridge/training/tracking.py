@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import struct
 import sys
 import time
@@ -75,11 +76,12 @@ def _warn(name: str, error: BaseException) -> None:
 
 
 def open_trackers(settings: TrainSettings, folder: Path, run_name: str,
-                  start_step: int) -> Trackers:
+                  start_step: int | None) -> Trackers:
     """The trackers of `settings.report_to` for the run whose scratch folder is `folder`.
 
     `start_step`: the last step whose points an earlier session of this run keeps (the
-    checkpoint training resumed from; 0 for a fresh run). Points after it are logged anew."""
+    checkpoint training resumed from; 0 for a fresh run). Points after it are logged anew.
+    None: add points to the run as it is (a checkpoint's scores after training)."""
     check_installed(settings.report_to)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,14 +110,16 @@ def config_of(settings: TrainSettings) -> dict[str, Any]:
 class TensorBoard:
     name = "tensorboard"
 
-    def __init__(self, settings, folder: Path, run_name: str, start_step: int, state: dict):
+    def __init__(self, settings, folder: Path, run_name: str, start_step: int | None,
+                 state: dict):
         from torch.utils.tensorboard import SummaryWriter
 
         logdir = folder / "tensorboard"
         earlier = logdir.is_dir() and any(logdir.glob("events.out.tfevents.*"))
         # A new event file per session; readers drop the earlier files' events at steps ≥
         # purge_step, which this session writes again.
-        self.writer = SummaryWriter(str(logdir), purge_step=start_step + 1 if earlier else None)
+        purge = start_step + 1 if earlier and start_step is not None else None
+        self.writer = SummaryWriter(str(logdir), purge_step=purge)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
@@ -129,15 +133,15 @@ class TensorBoard:
 class Wandb:
     name = "wandb"
 
-    def __init__(self, settings: TrainSettings, folder: Path, run_name: str, start_step: int,
-                 state: dict):
+    def __init__(self, settings: TrainSettings, folder: Path, run_name: str,
+                 start_step: int | None, state: dict):
         import wandb
 
         t = settings.tracking
         run_id = state.get("wandb", {}).get("id") or uuid.uuid4().hex[:8]
         state["wandb"] = {"id": run_id, "project": t.project}
         # Points of earlier sessions, from W&B's own transaction logs of this run id.
-        self.done = last_steps(wandb_history(folder / "wandb", run_id))
+        self.done = logged_steps(wandb_history(folder / "wandb", run_id))
         self.run = wandb.init(
             project=t.project, entity=t.wandb_entity, name=run_name, tags=t.tags or None,
             id=run_id, resume="allow", dir=str(folder), config=config_of(settings),
@@ -148,7 +152,7 @@ class Wandb:
         self.run.define_metric("*", step_metric="step")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        fresh = {k: v for k, v in scalars.items() if step > self.done.get(k, -1)}
+        fresh = {k: v for k, v in scalars.items() if step not in self.done.get(k, ())}
         if fresh:
             self.run.log({"step": step, **fresh})
 
@@ -159,8 +163,8 @@ class Wandb:
 class MLflow:
     name = "mlflow"
 
-    def __init__(self, settings: TrainSettings, folder: Path, run_name: str, start_step: int,
-                 state: dict):
+    def __init__(self, settings: TrainSettings, folder: Path, run_name: str,
+                 start_step: int | None, state: dict):
         from mlflow.tracking import MlflowClient
 
         t = settings.tracking
@@ -175,7 +179,7 @@ class MLflow:
         if known.get("tracking_uri") == uri:
             run = client.get_run(known["run_id"])
             self.run_id = run.info.run_id
-            self.done = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
+            self.done = {key: {m.step for m in client.get_metric_history(self.run_id, key)}
                          for key in run.data.metrics}
             if run.info.status != "RUNNING":
                 client.update_run(self.run_id, status="RUNNING")
@@ -197,8 +201,8 @@ class MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in scalars.items()
-                 if step > self.done.get(k, -1)]
+        fresh = [Metric(k, float(v), now, step) for k, v in
+                 ((mlflow_name(k), v) for k, v in scalars.items()) if step not in self.done.get(k, ())]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
 
@@ -206,13 +210,21 @@ class MLflow:
         self.client.set_terminated(self.run_id)
 
 
-def last_steps(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """The last `step` of each metric in W&B history rows."""
-    done: dict[str, int] = {}
+def mlflow_name(key: str) -> str:
+    """MLflow's metric names allow letters, digits, `_-. :/` only: lighteval's `pass@k:k=1&n=2`
+    becomes `pass_k:k_1_n_2`."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
+
+
+def logged_steps(rows: list[dict[str, Any]]) -> dict[str, set[int]]:
+    """The steps each metric has a point at, in W&B history rows. A point is skipped when its
+    step is there already (an earlier session logged it before a kill: training is bit-exact
+    on resume), so the steps of a run come once each, in any order (scores per checkpoint)."""
+    done: dict[str, set[int]] = {}
     for row in rows:
         for key in row:
             if not key.startswith("_") and key != "step":
-                done[key] = max(done.get(key, -1), row["step"])
+                done.setdefault(key, set()).add(row["step"])
     return done
 
 
@@ -255,9 +267,13 @@ def wandb_history(wandb_dir: Path, run_id: str) -> list[dict[str, Any]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows = []
-    sessions = [p for p in Path(wandb_dir).glob(f"*run-*-{run_id}") if not p.is_symlink()]
-    # Named `[offline-]run-<YYYYmmdd_HHMMSS>-<id>`: in time order whatever the mode.
-    for run_dir in sorted(sessions, key=lambda p: p.name.split("-")[-2]):
+    # Named `[offline-]run-<YYYYmmdd_HHMMSS>-<id>`, and `…-<id>-<n>` for the n-th more session
+    # started in the same second: in time order whatever the mode.
+    name = re.compile(rf"^(?:offline-)?run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?$")
+    sessions = [(int(m[1].replace("_", "")), int(m[2] or 0), p)
+                for p in Path(wandb_dir).glob("*run-*") if not p.is_symlink()
+                and (m := name.match(p.name))]
+    for *_, run_dir in sorted(sessions):
         for path in run_dir.glob("run-*.wandb"):
             for body in _log_records(path):
                 record = pb.Record()
