@@ -9,11 +9,12 @@ the base.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from settings.errors import UserError
 from settings.models import EvaluateSettings
@@ -64,12 +65,15 @@ def _base_results(ctx: BuildContext) -> dict[str, Any] | None:
     download = ctx.upstream["download"]
     key = compute_key({"base": download.key, "evaluate": key_settings(ctx.settings)})
     folder = ctx.store.scratch("evaluate", f"base-{key}")
-    if (folder / "results.json").is_file() and (folder / "done").is_file():
-        ctx.log.info("evaluate: reusing the base model's scores from %s", folder)
-        return json.loads((folder / "results.json").read_text())
-    ctx.log.info("evaluate: scoring the base model %s", download.dir)
-    results = evaluate_model(ctx.settings, download.dir, folder)
-    (folder / "done").write_text("")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Several checkpoints' evaluations may start together: one scores the base, the others wait.
+    with FileLock(folder.parent / f".base-{key}.lock"):
+        if (folder / "results.json").is_file() and (folder / "done").is_file():
+            ctx.log.info("evaluate: reusing the base model's scores from %s", folder)
+            return json.loads((folder / "results.json").read_text())
+        ctx.log.info("evaluate: scoring the base model %s", download.dir)
+        results = evaluate_model(ctx.settings, download.dir, folder)
+        (folder / "done").write_text("")
     return results
 
 

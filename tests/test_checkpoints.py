@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from settings import load_settings
 from settings.errors import UserError
-from tests.conftest import exported, job, metrics, run_pipeline
+from tests.conftest import exported, job, metrics, run_key_prefix, run_pipeline
 
 
 # -- the trainer: one folder, runs of several lengths ------------------------------------------------
@@ -126,7 +126,7 @@ def test_a_checkpoint_the_run_does_not_save_is_refused_at_plan_time(sets, messag
 EVAL = ["evaluate.checkpoints=all", "train.train_iters=12", "train.save_interval=6",
         "train.lr_warmup_iters=4", "train.global_batch_size=1", "convert.verify=false",
         "export.verify=false", "evaluate.tasks=[{name: math_500_local, samples: 1}]",
-        "evaluate.max_problems=1", "evaluate.max_new_tokens=4"]
+        "evaluate.max_problems=1", "evaluate.max_new_tokens=4", "evaluate.evaluate_base=true"]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,11 @@ def extended(tmp_path_factory, prefect_api):
     run extended to 18 steps (the tests below only read it)."""
     work = tmp_path_factory.mktemp("checkpoints")
     first = run_pipeline(work, *EVAL, until=None)
+    (base_done,) = work.glob("scratch/evaluate/base-*/done")
+    stamp = base_done.stat().st_mtime_ns
     second = run_pipeline(work, *EVAL, "train.train_iters=18", "export.push.repo=someone/tiny",
                           "export.push.revision=v1", "export.push.dry_run=true", until=None)
+    assert base_done.stat().st_mtime_ns == stamp  # the base model was not evaluated again
     return work, first, second
 
 
@@ -159,6 +162,12 @@ def test_every_saved_checkpoint_is_exported_and_scored(extended):
     assert {(r["iteration"], r["task"]) for r in rows} == {(6, "math_500_local"), (12, "math_500_local")}
     assert {"export-step6-summary", "evaluate-step6-report", "scores-report", "scores-summary",
             "evaluate-report"} <= artifacts
+    # every checkpoint is scored against the base model, whose scores are computed once
+    assert len(list(work.glob("scratch/evaluate/base-*/done"))) == 1
+    for name in ("evaluate@6", "evaluate"):
+        rows = json.loads((m[name].dir / "scores.json").read_text())
+        assert rows and all(r["base"] is not None and r["delta"] == r["value"] - r["base"]
+                            for r in rows)
     card = (m["export@6"].dir / "README.md").read_text()
     assert "Checkpoint of iteration 6" in card and f"train: `{m['train'].meta['lineage']}@6`" in card
 
@@ -185,8 +194,10 @@ def test_a_longer_run_trains_on_and_evaluates_only_its_new_checkpoints(extended,
     assert {k: v for k, v in states.items() if k.startswith("push")} == {
         "push@6": "Completed", "push@12": "Completed", "push": "Completed"}
     with get_client(sync_client=True) as client:
-        pushed = {a.key: a.description for a in client.read_artifacts(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if a.key and "push" in a.key}
+        prefix = run_key_prefix(client.read_flow_run(state.state_details.flow_run_id).name)
+        pushed = {a.key.removeprefix(prefix): a.description for a in client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if a.key and "push" in a.key}
     assert pushed == {"push-step6-files": "not pushed to someone/tiny@v1-step6",
                       "push-step12-files": "not pushed to someone/tiny@v1-step12",
                       "push-files": "not pushed to someone/tiny@v1"}
