@@ -85,7 +85,7 @@ def _train(settings: PipelineSettings, selection: Selection, manifests: dict[str
     planned = {p.name: p.plan for p in plan_pipeline(settings, selection)}
     if "train" not in planned:
         return []
-    scratch = store.scratch("train", planned["train"].key)
+    scratch = store.scratch("train", planned["train"].scratch)
     records = recent_metrics(scratch / "metrics.jsonl", 1)
     if not records:
         return []
@@ -139,7 +139,7 @@ def _export_next(settings: PipelineSettings, export: Manifest, manifests: dict[s
     lines = [f"{shlex.join(evaluate)}   # {why}"]
     iteration = export.meta.get("iteration")
     if train := manifests.get("train"):
-        scratch = store.scratch("train", train.key) / "checkpoints"
+        scratch = store.scratch("train", train.meta.get("lineage", train.key)) / "checkpoints"
         earlier = [i for i in checkpoint.available_iterations(scratch) if i != iteration]
         if earlier:
             other = command(config, overrides, "--from", "export", "--set",
