@@ -6,7 +6,8 @@ training run's *lineage* — the artifact's key material without the run's lengt
 cadence, plus the learning-rate decay horizon — so a rerun (after a crash, a kill, a timeout)
 resumes from the latest checkpoint there, and a longer run of the same lineage continues the
 shorter one (Megatron-LM's way of extending a run: raise `train_iters`, keep `lr_decay_iters`).
-One run trains in a lineage's folder at a time (a file lock). torchrun runs in its own process
+One run trains in a lineage's folder at a time (a file lock). A forced build (`--from train`,
+`--force train`) sets the folder's run aside (`previous-<time>/`) and trains afresh. torchrun runs in its own process
 group with its own timeout; rank-0 lines go to the Prefect log, every line to `train.log`; per-step
 metrics (JSON lines) feed a progress artifact while it runs. The artifact is the final checkpoint (Megatron layout, loadable by `rsft convert mcore2hf`)
 with `metrics.jsonl`, `loss.png`, the log and the TensorBoard event files (`tensorboard/`; W&B

@@ -377,3 +377,25 @@ def test_from_train_retrains_afresh_keeping_the_old_run_and_a_plain_rerun_reuses
     # a plain rerun reuses the retrained artifact and sets nothing aside
     state, states, _ = run_pipeline(tmp_path, *TRAIN, until="train")
     assert states["train"] == "Cached" and len(list(work.glob("previous-*"))) == 1
+
+
+def test_epochs_train_the_steps_the_tokenized_rows_give(tmp_path):
+    from tasks.train import epoch_steps
+
+    sets = [*TRAIN, "train.train_iters=null", "train.epochs=0.1", "train.lr_warmup_iters=0"]
+    state, states, _ = run_pipeline(tmp_path, *sets, until="train")  # planned after tokenize
+    assert state.is_completed(), state.message
+    assert states["tokenize"] == "Completed" and states["train"] == "Completed"
+    m = state.result()
+    rows = json.loads((m["tokenize"].dir / "stats.json").read_text())["splits"]["train"]["rows"]
+    steps = epoch_steps(_settings(tmp_path, sets).train, m["tokenize"].dir)
+    # 0.1 × rows ÷ global_batch_size 2, rounded up
+    assert steps == max(1, -(-rows // 20)) and m["train"].meta["iterations"] == steps
+    _, states, _ = run_pipeline(tmp_path, *sets, until="train")  # resolved at plan time now
+    assert states["train"] == "Cached"
+
+
+def _settings(workdir, sets):
+    from settings import load_settings
+
+    return load_settings("tiny", [f"workdir={workdir}", *sets])
