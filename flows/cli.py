@@ -146,7 +146,8 @@ def stages(
 
     try:
         settings = load_settings(config, set_)
-        rows = status_table(settings, plan_pipeline(settings, Selection()), verify=verify)
+        planned = plan_pipeline(settings, Selection())
+        rows = status_table(settings, planned, verify=verify)
     except UserError as e:
         fail(str(e))
     table = Table(title=f"{settings.name}: stages under {settings.workdir}")
@@ -155,6 +156,9 @@ def stages(
     for row in rows:
         table.add_row(*row.values())
     Console().print(table)
+    if not any(p.name == "train" for p in planned):
+        typer.echo(f"train and later stages: their keys follow from train.epochs "
+                   f"({settings.train.epochs:g}) once tokenize is built (rsft run --until tokenize)")
 
 
 @settings_app.command("show")

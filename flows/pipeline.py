@@ -35,6 +35,7 @@ from settings.errors import UserError
 from settings.models import HubPushSettings, PipelineSettings
 from settings.naming import run_label
 from tasks import BY_NAME, STAGE_NAMES, hub_push, scores
+from tasks import train as train_stage
 from tasks.artifacts import ArtifactStore, Manifest
 from tasks.retry import gave_up, is_transient, retry_options, retry_transient
 from tasks.stage import Stage, StagePlan, plan_key, run_artifact_key, stage_task
@@ -72,6 +73,19 @@ def chosen_checkpoints(settings: PipelineSettings) -> list[int]:
     return [i for i in (saved if wanted == "all" else wanted) if i != train.train_iters]
 
 
+def resolve_epochs(settings: PipelineSettings, tokenize_key: str) -> PipelineSettings | None:
+    """The settings with `train.epochs` resolved to `train_iters` from the tokenize artifact of
+    this plan (the settings as they are without epochs); None while that artifact is not built
+    (every key from `train` on depends on the step count: the final checkpoint's iteration)."""
+    if settings.train.epochs is None:
+        return settings
+    tokenized, _ = ArtifactStore(settings.workdir).check("tokenize", tokenize_key)
+    if tokenized is None:
+        return None
+    steps = train_stage.epoch_steps(settings.train, tokenized.dir)
+    return settings.model_copy(update={"train": settings.train.with_steps(steps)})
+
+
 def _per_checkpoint(name: str) -> bool:
     """The stage reads one training checkpoint, itself or through its upstream (export,
     evaluate)."""
@@ -82,8 +96,6 @@ def _per_checkpoint(name: str) -> bool:
 def plan_pipeline(settings: PipelineSettings, selection: Selection) -> list[PlannedStage]:
     """Every needed stage's key, in DAG order. Raises UserError for any mistake."""
     actions = resolve(selection)
-    intermediate = chosen_checkpoints(settings)
-    final = settings.export.iteration or settings.train.train_iters
     keys: dict[str, str] = {}
     plans: dict[str, StagePlan] = {}
     planned = []
@@ -91,6 +103,13 @@ def plan_pipeline(settings: PipelineSettings, selection: Selection) -> list[Plan
         stage = BY_NAME[name]
         if not all(u in keys for u in stage.upstream):
             continue
+        if name == "train":
+            if (resolved := resolve_epochs(settings, keys["tokenize"])) is None:
+                return planned  # `train.epochs` waits for the tokenize artifact: the flow
+                # plans the rest once it is built (`_run`)
+            settings = resolved
+            intermediate = chosen_checkpoints(settings)
+            final = settings.export.iteration or settings.train.train_iters
         section = stage.settings(settings)
         if not _per_checkpoint(name):
             options = {"keep": intermediate} if name == "train" else {}
@@ -131,8 +150,11 @@ def status_table(settings: PipelineSettings, planned: list[PlannedStage],
     rows = []
     for p in planned:
         manifest, why = store.check(p.plan.stage, p.plan.key, verify=verify)
+        what = p.stage.description
+        if p.name == "train" and p.section.epochs is not None:
+            what += f"; train_iters: {p.section.train_iters} (from epochs {p.section.epochs:g})"
         rows.append({
-            "stage": p.name, "what": p.stage.description, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
+            "stage": p.name, "what": what, "key": p.plan.key, "cached": "yes" if manifest else f"no ({why})",
             "size": f"{manifest.size / 1e6:.1f} MB" if manifest else "-",
             "path": str(store.path(p.plan.stage, p.plan.key)),
         })
@@ -150,7 +172,8 @@ def check_checkpoints(planned: list[PlannedStage], store: ArtifactStore) -> None
         return
     run = store.scratch("train", train.plan.scratch) / "checkpoints"
     trains = train.action == "force" or store.check("train", train.plan.key)[0] is None
-    start = resume_point(run, train.section.train_iters) or 0
+    # a forced train sets the folder's run aside and starts at step 0
+    start = 0 if train.action == "force" else resume_point(run, train.section.train_iters) or 0
     missing = [p.plan.iteration for p in planned
                if p.stage.checkpoint_of and p.plan.label and p.action != "reuse"
                and store.check(p.plan.stage, p.plan.key)[0] is None
@@ -220,27 +243,26 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool,
     store = ArtifactStore(workdir)
     planned = plan_pipeline(settings, selection)
     manifests: dict[str, Manifest] = {}
-    for p in planned:  # reused inputs must exist before anything runs
-        if p.action == "reuse":
-            manifest, why = store.check(p.plan.stage, p.plan.key, verify=verify)
-            if manifest is None:
-                raise UserError(f"stage {p.name} is needed as input but its artifact {p.plan.key} is "
-                                f"{why}; run it first (drop --only/--from) or `rsft run --until {p.name}`")
-            manifests[p.name] = manifest
+    _reused(planned, store, verify, manifests)  # reused inputs must exist before anything runs
     check_checkpoints(planned, store)
     futures: dict[str, PrefectFuture] = {}
-    for p in planned:  # DAG order: a stage's upstream futures exist when it is submitted
-        if p.action == "reuse":
-            continue
-        task = stage_task.with_options(
-            name=p.name, task_run_name=p.name,
-            **(retry_options(settings.retries) if p.stage.network else {}))
-        # Futures as inputs: Prefect waits for them, records the edge, and leaves the stage
-        # `NotReady` if one failed.
-        upstream = {u: futures.get(n) or manifests[n] for u, n in p.upstream.items()}
-        futures[p.name] = task.submit(stage=p.stage, section=p.section, plan=p.plan,
-                                      upstream=upstream, workdir=str(workdir),
-                                      force=p.action == "force", verify=verify)
+    _submit(planned, futures, manifests, settings, workdir, verify)
+    later = set(resolve(selection)) - {p.stage.name for p in planned}
+    if later and "tokenize" in futures:  # `train.epochs`: the step count needs the data
+        log.info("train.epochs: planning %s once tokenize is built", ", ".join(sorted(later)))
+        futures["tokenize"].wait()
+        if futures["tokenize"].state.is_completed():
+            rest = [p for p in plan_pipeline(settings, selection)
+                    if p.name not in futures and p.name not in manifests]
+            try:
+                _reused(rest, store, verify, manifests)
+                check_checkpoints(rest, store)
+            except UserError:
+                for future in futures.values():  # what runs finishes before the run fails
+                    future.wait()
+                raise
+            planned += rest
+            _submit(rest, futures, manifests, settings, workdir, verify)
     for future in futures.values():  # every branch runs to its end before the run fails
         future.wait()
     status = {name: "reused (not selected)" for name in manifests}
@@ -261,6 +283,34 @@ def _run(settings: PipelineSettings, selection: Selection, verify: bool,
             if p.stage.name == "export" and p.name in manifests:
                 _push(p, manifests, settings)
     return manifests
+
+
+def _reused(planned: list[PlannedStage], store: ArtifactStore, verify: bool,
+            manifests: dict[str, Manifest]) -> None:
+    for p in planned:
+        if p.action == "reuse":
+            manifest, why = store.check(p.plan.stage, p.plan.key, verify=verify)
+            if manifest is None:
+                raise UserError(f"stage {p.name} is needed as input but its artifact {p.plan.key} is "
+                                f"{why}; run it first (drop --only/--from) or `rsft run --until {p.name}`")
+            manifests[p.name] = manifest
+
+
+def _submit(planned: list[PlannedStage], futures: dict[str, PrefectFuture],
+            manifests: dict[str, Manifest], settings: PipelineSettings, workdir: Path,
+            verify: bool) -> None:
+    for p in planned:  # DAG order: a stage's upstream futures exist when it is submitted
+        if p.action == "reuse":
+            continue
+        task = stage_task.with_options(
+            name=p.name, task_run_name=p.name,
+            **(retry_options(settings.retries) if p.stage.network else {}))
+        # Futures as inputs: Prefect waits for them, records the edge, and leaves the stage
+        # `NotReady` if one failed.
+        upstream = {u: futures.get(n) or manifests[n] for u, n in p.upstream.items()}
+        futures[p.name] = task.submit(stage=p.stage, section=p.section, plan=p.plan,
+                                      upstream=upstream, workdir=str(workdir),
+                                      force=p.action == "force", verify=verify)
 
 
 def _failure(name: str, stage: Stage, state, settings: PipelineSettings) -> str:

@@ -82,15 +82,15 @@ def _train(settings: PipelineSettings, selection: Selection, manifests: dict[str
     from flows.pipeline import plan_pipeline
     from megatron_bridge import checkpoint
 
-    planned = {p.name: p.plan for p in plan_pipeline(settings, selection)}
+    planned = {p.name: p for p in plan_pipeline(settings, selection)}
     if "train" not in planned:
         return []
-    scratch = store.scratch("train", planned["train"].scratch)
+    scratch = store.scratch("train", planned["train"].plan.scratch)
     records = recent_metrics(scratch / "metrics.jsonl", 1)
     if not records:
         return []
     kept = checkpoint.available_iterations(scratch / "checkpoints")
-    line = (f"{'train':<10}stopped at step {records[-1]['step']}/{settings.train.train_iters} "
+    line = (f"{'train':<10}stopped at step {records[-1]['step']}/{planned['train'].section.train_iters} "
             f"(loss {records[-1]['loss']:.4f}); log {scratch / 'train.log'}")
     resume = (f"the rerun resumes from iteration {kept[-1]}" if kept
               else "no checkpoint yet: the rerun starts over")

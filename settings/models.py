@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
 BUILTIN_SOURCE = re.compile(r"^builtin:(?P<name>[\w.\-]+)$")
@@ -313,7 +314,15 @@ class TrainSettings(Strict):
     """Pipeline-parallel size of training (megatron-core's 1F1B schedule); must divide the layers."""
     train_iters: int = not_in_lineage(default=40, ge=1)
     """Optimizer steps. Raising it continues an earlier run of the same settings from its last
-    checkpoint when the decay horizon stays put (`lr_decay_iters`)."""
+    checkpoint when the decay horizon stays put (`lr_decay_iters`). With `epochs` set it is
+    resolved from the data instead (a YAML `train_iters: null` removes a preset's value)."""
+    epochs: float | None = Field(default=None, gt=0, json_schema_extra={
+        "lineage": False, "key_when_set": True})
+    """Passes over the training data (open-r1's `num_train_epochs`) instead of `train_iters`:
+    the run takes ceil(epochs × packed train rows of the `tokenize` artifact ÷
+    `global_batch_size`) steps, resolved once that artifact exists (`rsft stages` shows it);
+    with no `lr_decay_iters` the decay horizon is that step count. The train key holds epochs
+    (and the data's key), not a step count. null: `train_iters` counts."""
     global_batch_size: int = Field(default=8, ge=1)
     """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
     micro_batch_size: int = Field(default=1, ge=1)
@@ -384,6 +393,34 @@ class TrainSettings(Strict):
     `pip install 'reasoning-sft[tracking]'`). `[]`: none."""
     tracking: TrackingSettings = not_in_key(default_factory=TrackingSettings)
     """Project, run name, tags and MLflow store of the trackers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_or_iters(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "train_iters" in data and data["train_iters"] is None:
+            data = {k: v for k, v in data.items() if k != "train_iters"}  # null: not set
+        if isinstance(data, dict) and data.get("epochs") is not None and "train_iters" in data:
+            raise ValueError("train.epochs and train.train_iters cannot both be set: drop one "
+                             "(`--set train.train_iters=null` drops a preset's)")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_unused_iters(self, handler) -> dict[str, Any]:
+        # With epochs, train_iters is derived from the data: it is never written out (settings
+        # files, flow parameters, the train key), so what is read back has epochs alone.
+        data = handler(self)
+        if self.epochs is not None:
+            data.pop("train_iters", None)
+        return data
+
+    def with_steps(self, steps: int) -> "TrainSettings":
+        """These settings with the step count `epochs` resolves to: `train_iters` set, epochs
+        kept (so the key still says epochs; `for_trainer` drops it)."""
+        return self.model_copy(update={"train_iters": steps})
+
+    def for_trainer(self) -> "TrainSettings":
+        """The resolved run as plain `train_iters` (what the training job reads)."""
+        return self.model_copy(update={"epochs": None})
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainSettings":

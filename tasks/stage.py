@@ -59,6 +59,9 @@ class BuildContext:
     checkpoints to keep for evaluation)."""
     iteration: int | None = None
     """For a per-checkpoint stage (`Stage.checkpoint_of`): the iteration it is built for."""
+    force: bool = False
+    """The build was forced (`--force`, `--from`): a resumable stage starts its run afresh
+    instead of resuming (`train` moves the old run aside)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ def key_settings(section: BaseModel) -> dict[str, Any]:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get("affects_key") is False:
             data.pop(name, None)
+        elif extra.get("key_when_set") and getattr(section, name) is None:
+            data.pop(name, None)  # a field added later: unset, the keys stay what they were
         elif isinstance(value := getattr(section, name), BaseModel):
             data[name] = key_settings(value)
     return data
@@ -207,7 +212,7 @@ def execute(stage: Stage, section: BaseModel, plan: StagePlan, upstream: dict[st
                            stage.records) as build:
             stage.build(BuildContext(section, build.out, upstream, plan.fingerprint, build.meta,
                                      log, store.scratch(stage.name, plan.scratch or plan.key),
-                                     store, plan.options, plan.iteration))
+                                     store, plan.options, plan.iteration, force))
         assert build.manifest is not None
         try:
             verify_published(stage, build.manifest, store)

@@ -6,7 +6,8 @@ training run's *lineage* — the artifact's key material without the run's lengt
 cadence, plus the learning-rate decay horizon — so a rerun (after a crash, a kill, a timeout)
 resumes from the latest checkpoint there, and a longer run of the same lineage continues the
 shorter one (Megatron-LM's way of extending a run: raise `train_iters`, keep `lr_decay_iters`).
-One run trains in a lineage's folder at a time (a file lock). torchrun runs in its own process
+One run trains in a lineage's folder at a time (a file lock). A forced build (`--from train`,
+`--force train`) sets the folder's run aside (`previous-<time>/`) and trains afresh. torchrun runs in its own process
 group with its own timeout; rank-0 lines go to the Prefect log, every line to `train.log`; per-step
 metrics (JSON lines) feed a progress artifact while it runs. The artifact is the final checkpoint (Megatron layout, loadable by `rsft convert mcore2hf`)
 with `metrics.jsonl`, `loss.png`, the log and the TensorBoard event files (`tensorboard/`; W&B
@@ -47,6 +48,17 @@ def lineage(settings: TrainSettings) -> dict[str, Any]:
             data.pop(name, None)
     data["lr_decay_iters"] = settings.decay_iters
     return data
+
+
+def epoch_steps(settings: TrainSettings, tokenized: Path) -> int:
+    """`train.epochs` as optimizer steps: ceil(epochs × the tokenize artifact's packed train rows
+    ÷ global_batch_size)."""
+    import math
+
+    rows = json.loads((tokenized / "stats.json").read_text())["splits"]["train"]["rows"]
+    assert settings.epochs is not None
+    # round first: 0.1 × 30 rows is 3.0000000000000004 in floats, 3 steps, not 4
+    return max(1, math.ceil(round(settings.epochs * rows / settings.global_batch_size, 9)))
 
 
 def _run_id(work: Path, save: Path) -> str:
@@ -258,9 +270,37 @@ def build(ctx: BuildContext) -> None:
                      "for it (then this one continues from its checkpoints)", work)
         lock.acquire()
     try:
+        if ctx.force:
+            set_aside(work, ctx.log)
         _train(ctx, settings, work)
     finally:
         lock.release()
+
+
+PREVIOUS = "previous-"
+"""Runs set aside by a forced retrain live in `<lineage folder>/previous-<time>/`."""
+
+
+def set_aside(work: Path, log) -> Path | None:
+    """A forced build trains afresh: move the lineage folder's run (checkpoints, metrics,
+    run id, trackers' state — all but the lock and earlier set-aside runs) into
+    `previous-<time>/` inside it, never deleting it. None when there was nothing to move."""
+    import time
+
+    entries = [p for p in work.iterdir() if p.name != ".lock" and not p.name.startswith(PREVIOUS)]
+    if not entries:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = work / f"{PREVIOUS}{stamp}", 1
+    while aside.exists():  # two retrains within one second
+        n += 1
+        aside = work / f"{PREVIOUS}{stamp}-{n}"
+    aside.mkdir()
+    for p in entries:
+        p.rename(aside / p.name)
+    log.info("train: forced: the previous run of this lineage (its checkpoints, metrics and "
+             "tracking state) was moved to %s; training afresh from the converted model", aside)
+    return aside
 
 
 def _train(ctx: BuildContext, settings: TrainSettings, work: Path) -> None:
@@ -268,6 +308,9 @@ def _train(ctx: BuildContext, settings: TrainSettings, work: Path) -> None:
     from megatron_bridge.training.job import TrainJob, read_metrics
     from megatron_bridge.training.state import resume_point
 
+    if settings.epochs is not None:  # the plan resolved it from the same artifact; the job
+        settings = settings.with_steps(epoch_steps(settings, ctx.upstream["tokenize"].dir))
+        settings = settings.for_trainer()  # gets plain train_iters
     save = work / "checkpoints"
     run_id = _run_id(work, save)
     keep = sorted((ctx.options or {}).get("keep", []))

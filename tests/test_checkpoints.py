@@ -211,3 +211,48 @@ def test_a_list_with_an_unsaved_iteration_fails_before_anything_runs(extended):
     assert state.is_failed() and states == {}
     assert state.message == ("evaluate.checkpoints: iteration 9 is not saved by this run; it saves "
                              "6, 12 (every train.save_interval=6 steps and the last)")
+
+
+# -- train.epochs: resolved from the tokenize artifact's packed train rows -------------------------
+def test_epochs_resolve_from_the_tokenized_rows_once_tokenize_is_built(tmp_path):
+    import math
+
+    from flows.pipeline import plan_pipeline, status_table
+    from flows.selection import Selection
+    from tasks.artifacts import ArtifactStore
+
+    def planned(*sets: str) -> dict:
+        settings = load_settings("tiny", [f"workdir={tmp_path}", "train.train_iters=null", *sets])
+        return {p.name: p for p in plan_pipeline(settings, Selection())}
+
+    epochs = ["train.epochs=1.5", "evaluate.checkpoints=all", "train.save_interval=20"]
+    before = planned(*epochs)
+    assert "tokenize" in before and "train" not in before  # not known until the data is
+    # the tokenize artifact of this plan: 30 packed train rows
+    store = ArtifactStore(tmp_path)
+    tok = before["tokenize"].plan
+    with store.publish("tokenize", tok.key, tok.key_material, {}, "1") as build:
+        (build.out / "stats.json").write_text(json.dumps({"splits": {"train": {"rows": 30}}}))
+    after = planned(*epochs)
+    steps = math.ceil(1.5 * 30 / 2)  # global_batch_size 2 in the tiny preset
+    assert after["train"].section.train_iters == steps == 23
+    assert [n for n in after if "@" in n] == ["export@20", "evaluate@20"]
+    assert after["export"].plan.iteration == 23
+    # the key holds epochs, not a step count; the run's decay horizon is the resolved one
+    assert "train_iters" not in after["train"].plan.key_material["settings"]
+    assert after["train"].plan.key_material["settings"]["epochs"] == 1.5
+    plain = planned("train.train_iters=23", "train.lr_decay_iters=null", "train.save_interval=20",
+                    "evaluate.checkpoints=all")
+    with_epochs = planned("train.epochs=1.5", "train.lr_decay_iters=null", "train.save_interval=20",
+                          "evaluate.checkpoints=all")
+    assert with_epochs["train"].plan.scratch == plain["train"].plan.scratch  # one lineage
+    assert with_epochs["train"].plan.key != plain["train"].plan.key
+    assert with_epochs["export@20"].plan.key == plain["export@20"].plan.key
+    row = next(r for r in status_table(load_settings("tiny", [f"workdir={tmp_path}",
+               "train.train_iters=null", *epochs]), list(after.values())) if r["stage"] == "train")
+    assert row["what"].endswith("; train_iters: 23 (from epochs 1.5)")
+    # either counts the run, not both
+    with pytest.raises(UserError) as e:
+        load_settings("tiny", ["train.epochs=2"])
+    assert "train.epochs and train.train_iters cannot both be set" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -350,3 +350,52 @@ def test_convert_rejects_a_layout_the_model_cannot_take(tmp_path):
     state, _, _ = run_pipeline(tmp_path, "convert.tensor_parallel=3", only=["convert"])
     assert state.is_failed()
     assert "tensor_parallel=3 must divide the 4 attention heads and 2 KV groups" in state.message
+
+
+TRAIN = ["convert.verify=false", "dataset.test_split=0", "train.eval_interval=0"]
+
+
+def test_from_train_retrains_afresh_keeping_the_old_run_and_a_plain_rerun_reuses(tmp_path):
+    first = run_pipeline(tmp_path, *TRAIN, until="train")[0].result()["train"]
+    work = tmp_path / "scratch" / "train" / first.meta["lineage"]
+    old_run = json.loads((first.dir / "run.json").read_text())["run_id"]
+    state, states, _ = run_pipeline(tmp_path, *TRAIN, from_stage="train", until="train")
+    assert states == {"train": "Completed"}
+    again = state.result()["train"]
+    log = (again.dir / "train.log").read_text()
+    assert "training: steps 0..2" in log and "training: steps 2..2" not in log  # from the start
+    assert [json.loads(x)["step"] for x in (again.dir / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2]
+    assert json.loads((again.dir / "run.json").read_text())["run_id"] != old_run  # re-exported
+    # the old run is set aside whole, not lost
+    (aside,) = work.glob("previous-*")
+    assert (aside / "checkpoints" / "iter_0000002").is_dir()
+    assert json.loads((aside / "run.json").read_text())["run_id"] == old_run
+    assert "training: steps 0..2" in (aside / "train.log").read_text()
+    assert {p.name for p in work.iterdir() if not p.name.startswith(".")} - {aside.name} == {
+        p.name for p in aside.iterdir() if not p.name.startswith(".")}
+    # a plain rerun reuses the retrained artifact and sets nothing aside
+    state, states, _ = run_pipeline(tmp_path, *TRAIN, until="train")
+    assert states["train"] == "Cached" and len(list(work.glob("previous-*"))) == 1
+
+
+def test_epochs_train_the_steps_the_tokenized_rows_give(tmp_path):
+    from tasks.train import epoch_steps
+
+    sets = [*TRAIN, "train.train_iters=null", "train.epochs=0.1", "train.lr_warmup_iters=0"]
+    state, states, _ = run_pipeline(tmp_path, *sets, until="train")  # planned after tokenize
+    assert state.is_completed(), state.message
+    assert states["tokenize"] == "Completed" and states["train"] == "Completed"
+    m = state.result()
+    rows = json.loads((m["tokenize"].dir / "stats.json").read_text())["splits"]["train"]["rows"]
+    steps = epoch_steps(_settings(tmp_path, sets).train, m["tokenize"].dir)
+    # 0.1 × rows ÷ global_batch_size 2, rounded up
+    assert steps == max(1, -(-rows // 20)) and m["train"].meta["iterations"] == steps
+    _, states, _ = run_pipeline(tmp_path, *sets, until="train")  # resolved at plan time now
+    assert states["train"] == "Cached"
+
+
+def _settings(workdir, sets):
+    from settings import load_settings
+
+    return load_settings("tiny", [f"workdir={workdir}", *sets])
