@@ -90,10 +90,14 @@ def run(
     except UserError as e:
         fail(str(e))
     from flows.pipeline import sft_pipeline
+    from settings.loader import overrides_dict, preset_reference
 
     quiet_repeated_errors()
-    state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
-                         force=force, verify=verify, return_state=True)
+    # The flow run's parameters are what the user typed (the preset, the keys changed), as for
+    # a deployment run; the flow resolves them to these same settings.
+    state = sft_pipeline(preset=preset_reference(config), settings=overrides_dict(set_ or []),
+                         from_stage=from_stage, only=only, until=until, force=force,
+                         verify=verify, return_state=True)
     if state.is_failed():
         # A user mistake fails the flow with its one-line message (exit 2); anything else is a
         # bug whose traceback Prefect has already logged (exit 1).

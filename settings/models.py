@@ -295,7 +295,7 @@ class TrainSettings(Strict):
     min_lr: float = Field(default=1e-4, ge=0)
     """Final learning rate of the cosine decay."""
     lr_warmup_iters: int = Field(default=4, ge=0)
-    """Linear warm-up steps."""
+    """Linear warm-up steps (at most `train_iters`)."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -339,6 +339,10 @@ class TrainSettings(Strict):
     def _lr_order(self) -> "TrainSettings":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_warmup_iters > self.train_iters:
+            raise ValueError(f"lr_warmup_iters ({self.lr_warmup_iters}) must not exceed "
+                             f"train_iters ({self.train_iters}): the learning rate would never "
+                             "reach its peak; lower lr_warmup_iters")
         world = self.nproc_per_node * self.nnodes
         model_parallel = self.tensor_parallel * self.pipeline_parallel
         if world % model_parallel:
