@@ -22,6 +22,11 @@ from tests.conftest import COMMIT, make_hf_cache, rsft
     (["run", "--set", "train.lrr=1"], "train.lrr = 1: unknown setting"),
     (["run", "--set", "train.lr=fast"], "train.lr = 'fast': Input should be a valid number"),
     (["run", "--only", "nosuchstage"], "--only nosuchstage: no such stage"),
+    # what the model's config decides, before any stage (tokenize would rebuild first)
+    (["run", "--set", "tokenize.seq_length=262144"], "tokenize.seq_length 262144 is above the "
+     "model's max_position_embeddings 131072 (builtin:tiny-qwen2); lower tokenize.seq_length"),
+    (["run", "--set", "train.train_iters=2"], "--set train: Value error, lr_warmup_iters (4) "
+     "must not exceed train_iters (2): the learning rate would never reach its peak"),
     (["run", "--set", "download.source=/no/such/model"], "local model directory /no/such/model does not exist"),
     (["run", "bad.yaml"], "bad.yaml line 2, column 1: invalid YAML"),
     (["stages", "missing.yaml"], "settings file missing.yaml does not exist"),
@@ -270,6 +275,12 @@ def test_hub_download_offline_through_the_cli(tmp_path, cli_env, tiny_model_dir)
     assert COMMIT in manifest
     again = rsft("run", *args, cwd=tmp_path, env=env, check=True)
     assert (again.stdout + again.stderr).count("Finished in state Cached") == 2
+    # the downloaded config is known now: a sequence length above its positions is refused
+    # before planning anything (a Hub model not downloaded yet is checked in `train`)
+    longer = rsft("stages", *args[:4], "--set", "tokenize.seq_length=262144", cwd=tmp_path,
+                  env=env)
+    assert longer.returncode == 2 and "above the model's max_position_embeddings 131072" in \
+        longer.stderr, longer.stderr
 
 
 @pytest.mark.slow
