@@ -86,13 +86,16 @@ def run(
         from flows.pipeline import plan_pipeline
         from flows.selection import Selection
 
-        plan_pipeline(settings, Selection(from_stage, list(only or []), until, list(force or [])))
+        planned = plan_pipeline(settings, Selection(from_stage, list(only or []), until,
+                                                    list(force or [])))
     except UserError as e:
         fail(str(e))
+    from flows import interrupt
     from flows.pipeline import sft_pipeline
     from settings.loader import overrides_dict, preset_reference
 
     quiet_repeated_errors()
+    interrupt.install(settings, planned)  # Ctrl-C: everything stops, one line, exit 130
     # The flow run's parameters are what the user typed (the preset, the keys changed), as for
     # a deployment run; the flow resolves them to these same settings.
     state = sft_pipeline(preset=preset_reference(config), settings=overrides_dict(set_ or []),
