@@ -94,7 +94,9 @@ class PatchTokenizerSettings(Strict):
 
     chat_template_file: Path | None = None
     """Replace the chat template with the Jinja template in this file (applied before the edits
-    above, which are then checked against it)."""
+    above, which are then checked against it). Without it, a tokenizer that has no chat template
+    gets ChatML (open-r1's default), `<|im_start|>`/`<|im_end|>` added as special tokens if
+    missing."""
 
     single_tokens: list[str] = Field(default_factory=lambda: ["<think>", "</think>"])
     """Strings that must each encode to exactly one token after patching (checked)."""
