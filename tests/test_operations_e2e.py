@@ -27,7 +27,6 @@ from uuid import UUID
 
 import psutil
 import pytest
-import yaml
 
 from megatron_bridge.launch import free_port
 from tests.conftest import ROOT, settled_task_runs
