@@ -87,15 +87,21 @@ def run(
         from flows.selection import Selection
 
         selection = Selection(from_stage, list(only or []), until, list(force or []))
-        plan_pipeline(settings, selection)
+        planned = plan_pipeline(settings, selection)
     except UserError as e:
         fail(str(e))
+    from flows import interrupt
     from flows.pipeline import sft_pipeline
     from flows.summary import built_artifacts, summary
+    from settings.loader import overrides_dict, preset_reference
 
     quiet_repeated_errors()
-    state = sft_pipeline(settings=settings, from_stage=from_stage, only=only, until=until,
-                         force=force, verify=verify, return_state=True)
+    interrupt.install(settings, planned)  # Ctrl-C: everything stops, one line, exit 130
+    # The flow run's parameters are what the user typed (the preset, the keys changed), as for
+    # a deployment run; the flow resolves them to these same settings.
+    state = sft_pipeline(preset=preset_reference(config), settings=overrides_dict(set_ or []),
+                         from_stage=from_stage, only=only, until=until, force=force,
+                         verify=verify, return_state=True)
     run_name = _flow_run_name(state)
     if state.is_failed():
         # A user mistake fails the flow with its one-line message (exit 2); anything else is a

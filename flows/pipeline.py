@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from flows.notify import on_run_failed
 from flows.selection import Selection, resolve
 from settings.errors import UserError
+from settings.loader import DEFAULT_PRESET, dump_settings, leaf_keys, load_settings
 from settings.models import HubPushSettings, PipelineSettings
 from settings.naming import run_label
 from tasks import BY_NAME, STAGE_NAMES, hub_push, scores
@@ -105,8 +106,10 @@ def plan_pipeline(settings: PipelineSettings, selection: Selection) -> list[Plan
             continue
         if name == "train":
             if (resolved := resolve_epochs(settings, keys["tokenize"])) is None:
-                return planned  # `train.epochs` waits for the tokenize artifact: the flow
-                # plans the rest once it is built (`_run`)
+                # `train.epochs` waits for the tokenize artifact: the flow plans the rest once
+                # it is built (`_run`)
+                check_model_fit(settings, {p.name for p in planned}, keys["download"])
+                return planned
             settings = resolved
             intermediate = chosen_checkpoints(settings)
             final = settings.export.iteration or settings.train.train_iters
@@ -140,7 +143,25 @@ def plan_pipeline(settings: PipelineSettings, selection: Selection) -> list[Plan
         planned.append(PlannedStage("scores", actions["evaluate"],
                                     plan_key(stage, section, keys), stage, section,
                                     {n: n for n in evaluations}))
+    check_model_fit(settings, {p.name for p in planned}, keys["download"])
     return planned
+
+
+def check_model_fit(settings: PipelineSettings, stages: set[str], download_key: str) -> None:
+    """Settings that the model's config decides, checked before any stage runs whenever that
+    config is known (a built-in or local model, or a Hub model already downloaded); otherwise
+    `tokenize` would rebuild for an hour before `train` refuses its sequence length."""
+    from tasks.download import known_config
+
+    if not {"tokenize", "train"} & stages:
+        return
+    manifest, _ = ArtifactStore(settings.workdir).check("download", download_key)
+    config = known_config(settings.download, manifest.dir if manifest else None) or {}
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and settings.tokenize.seq_length > max_positions:
+        raise UserError(f"tokenize.seq_length {settings.tokenize.seq_length} is above the model's "
+                        f"max_position_embeddings {max_positions} ({settings.download.source}); "
+                        "lower tokenize.seq_length")
 
 
 def status_table(settings: PipelineSettings, planned: list[PlannedStage],
@@ -192,19 +213,24 @@ def _run_name() -> str:
     (`settings/naming.py`); artifact keys start with it (`tasks/stage.py:run_artifact_key`)."""
     from prefect.runtime import flow_run
 
-    settings = flow_run.parameters.get("settings") or PipelineSettings()
-    try:  # a deployment passes a dict; the flow validates it (and says what is wrong) next
-        label = run_label(PipelineSettings.model_validate(settings) if isinstance(settings, dict)
-                          else settings)
-    except ValidationError:
-        label = str(settings.get("name", "run"))
+    params = flow_run.parameters
+    try:
+        label = run_label(resolve_settings(params.get("preset"), params.get("settings")))
+    except UserError:  # the run fails at its start with that line
+        label = Path(str(params.get("preset") or DEFAULT_PRESET)).stem
     return f"{label}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+
+
+def resolve_settings(preset: str | None, settings: dict[str, Any] | None) -> PipelineSettings:
+    """A flow run's settings: its `preset` with the partial `settings` merged onto it."""
+    return load_settings(preset, partial=settings)
 
 
 @flow(name="sft-pipeline", flow_run_name=_run_name, log_prints=True,
       on_failure=[on_run_failed], on_crashed=[on_run_failed])
 def sft_pipeline(
-    settings: PipelineSettings = PipelineSettings(),
+    preset: str = DEFAULT_PRESET,
+    settings: dict[str, Any] | None = None,
     from_stage: str | None = None,
     only: list[str] | None = None,
     until: str | None = None,
@@ -213,15 +239,29 @@ def sft_pipeline(
 ) -> dict[str, Manifest]:
     """Fine-tune a reasoning LLM: download → patch_tokenizer → … as resumable cached stages.
 
-    `from_stage` reruns a stage and everything after it; `only` runs just the named stages
-    (reusing their inputs); `until` stops after a stage; `force` rebuilds stages even if cached;
-    `verify` checks every reused artifact's content hashes, not only its file sizes.
+    Args:
+        preset: The settings to start from: a preset name (`tiny`, `thinkless-warmup-1.5b`;
+            settings/presets/) or the path of a settings YAML file on the machine that runs the
+            flow.
+        settings: Only the settings to change, nested by section, merged onto the preset as
+            `rsft run --set` does, e.g. {"train": {"train_iters": 20, "lr": 2e-5}} (from the
+            CLI: `prefect deployment run NAME -p settings='{"train": {"train_iters": 20}}'`). A
+            section merges key by key; any other value, a list too, replaces the preset's. Empty:
+            the preset as it is. Checked when the run starts: a mistake fails the run with one
+            line. Every setting: `rsft settings show --docs`.
+        from_stage: Rerun this stage and everything after it, ignoring their caches.
+        only: Run just these stages, reusing their inputs (which must be built).
+        until: Stop after this stage.
+        force: Rebuild these stages even if cached (`all`: every stage).
+        verify: Check every reused artifact's content hashes, not only its file sizes.
     """
     log = get_run_logger()
     selection = Selection(from_stage, list(only or []), until, list(force or []))
     try:
-        return _run(settings, selection, verify, log)
-    except UserError as e:  # a mistake found before or after the stages (plan, push)
+        resolved = resolve_settings(preset, settings)
+        _settings_artifact(resolved, preset, settings)
+        return _run(resolved, selection, verify, log)
+    except UserError as e:  # a mistake found before or after the stages (settings, plan, push)
         return Failed(message=str(e))
 
 
@@ -230,11 +270,33 @@ StageName = Literal[tuple(STAGE_NAMES)]  # type: ignore[valid-type]
 
 @flow(name="rerun-stage", flow_run_name=_run_name, log_prints=True,
       on_failure=[on_run_failed], on_crashed=[on_run_failed])
-def rerun_stage(settings: PipelineSettings = PipelineSettings(), stage: StageName = "evaluate",
-                verify: bool = False) -> dict[str, Manifest]:
+def rerun_stage(preset: str = DEFAULT_PRESET, settings: dict[str, Any] | None = None,
+                stage: StageName = "evaluate", verify: bool = False) -> dict[str, Manifest]:
     """Rebuild one stage from its existing inputs (which must be built); nothing downstream runs.
-    The per-stage rerun deployment: e.g. re-evaluate with new settings, re-export an iteration."""
-    return sft_pipeline(settings=settings, only=[stage], force=[stage], verify=verify)
+    The per-stage rerun deployment: e.g. re-evaluate with new settings, re-export an iteration.
+
+    Args:
+        preset: The settings to start from: a preset name (`tiny`, `thinkless-warmup-1.5b`) or
+            the path of a settings YAML file on the machine that runs the flow.
+        settings: Only the settings to change, nested by section, merged onto the preset as
+            `rsft run --set` does, e.g. {"export": {"iteration": 6}}. Checked when the run
+            starts.
+        stage: The stage to rebuild.
+        verify: Check every reused artifact's content hashes, not only its file sizes.
+    """
+    return sft_pipeline(preset=preset, settings=settings, only=[stage], force=[stage],
+                        verify=verify)
+
+
+def _settings_artifact(resolved: PipelineSettings, preset: str,
+                       override: dict[str, Any] | None) -> None:
+    """The run's resolved settings in the UI: its parameters hold only the preset's name and
+    the keys changed."""
+    changed = ", ".join(f"`{k}`" for k in leaf_keys(override or {})) or "none"
+    create_markdown_artifact(
+        f"### Settings\n\npreset `{preset}`; changed: {changed}\n\n```yaml\n"
+        f"{dump_settings(resolved)}```", key=run_artifact_key("sft-pipeline-settings"),
+        description="The settings this run resolved (preset + override)")
 
 
 def _run(settings: PipelineSettings, selection: Selection, verify: bool,

@@ -35,6 +35,15 @@ def read_tracker(root: Path) -> str:
     return value
 
 
+def latest_iteration(save: Path) -> int | None:
+    """The newest complete training iteration saved in `save` (None: none yet)."""
+    tracker = Path(save) / TRACKER
+    if not tracker.is_file():
+        return None
+    value = tracker.read_text().strip()
+    return int(value) if value.isdigit() else None
+
+
 def read_metadata(root: Path) -> dict[str, Any]:
     path = Path(root) / METADATA
     if not path.is_file():

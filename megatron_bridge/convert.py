@@ -164,8 +164,12 @@ def mcore_to_hf(mcore_dir: Path, out: Path, hf_base: Path | None = None,
     if hf_base is not None:
         base = json.loads((Path(hf_base) / "config.json").read_text())
         keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "intermediate_size")
-        if diff := [k for k in keys if base.get(k) != hf.get(k)]:
+                "num_key_value_heads", "intermediate_size")
+        diff = [k for k in keys if base.get(k) != hf.get(k)]
+        # Training may have grown the vocabulary (tokens the tokenizer patch added), never shrunk.
+        if base.get("vocab_size", 0) > hf["vocab_size"]:
+            diff.append("vocab_size")
+        if diff:
             raise UserError(f"--hf-base {hf_base} is a different model ({', '.join(diff)} "
                                   "differ from the checkpoint's source config)")
     out = Path(out)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from settings.aliases import did_you_mean
 from settings.errors import UserError
@@ -84,15 +85,56 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def overrides_dict(assignments: list[str]) -> dict[str, Any]:
+    """`--set a.b.c=value` assignments as the nested partial settings they stand for."""
+    data: dict[str, Any] = {}
+    for assignment in assignments:
+        apply_override(data, assignment)
+    return data
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any],
+          model: type[BaseModel] = PipelineSettings) -> dict[str, Any]:
+    """Partial settings `override` onto `base` (a new dict), as `--set` applies them: a settings
+    section merges key by key; any other value replaces the base's — a list, and a free-form
+    mapping such as `train.kubernetes.node_selector`, too."""
+    out = dict(base)
+    for key, value in override.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        section = field.annotation if field is not None else None
+        if (isinstance(section, type) and issubclass(section, BaseModel)
+                and isinstance(value, Mapping) and isinstance(out.get(key), Mapping)):
+            out[key] = merge(out[key], value, section)
+        else:
+            out[key] = value
+    return out
+
+
+def leaf_keys(override: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys a partial settings mapping sets (`{"train": {"lr": 1}}` → `train.lr`)."""
+    keys = []
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        keys += leaf_keys(value, f"{dotted}.") if isinstance(value, Mapping) and value else [dotted]
+    return keys
+
+
+def preset_reference(name_or_file: str | None) -> str:
+    """What names these settings for another process (a flow run): a preset's name, or a settings
+    file's absolute path."""
+    path = resolve_config(name_or_file)
+    return path.stem if path.parent == PRESETS_DIR else str(path.resolve())
+
+
 def _overlaps(loc: str, key: str) -> bool:
     return loc == key or loc.startswith(f"{key}.") or key.startswith(f"{loc}.")
 
 
 def format_validation_error(err: ValidationError, origin: str,
-                            overridden: list[str] = ()) -> str:
-    """One line per problem: where it comes from (`origin`, or `--set` for a problem under one
-    of the `overridden` dotted keys), field path, the value given, what is allowed; an unknown
-    key another tool spells that way names ours."""
+                            overridden: list[str] = (), label: str = "--set ") -> str:
+    """One line per problem: where it comes from (`origin`, or `label` — `--set` — for a problem
+    under one of the `overridden` dotted keys), field path, the value given, what is allowed; an
+    unknown key another tool spells that way names ours."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -103,23 +145,37 @@ def format_validation_error(err: ValidationError, origin: str,
             hint = did_you_mean(e["loc"])
             msg = "unknown setting" + (f"; {hint}" if hint else
                                        " (see `rsft settings show --docs` for the valid keys)")
-        where = ("--set " if any(_overlaps(loc, k) for k in overridden) else f"{origin}: ")
+        where = (label if any(_overlaps(loc, k) for k in overridden) else f"{origin}: ")
         lines.append(f"{where}{loc}{given}: {msg}")
     return "\n".join(lines)
 
 
-def load_settings(name_or_file: str | None = None, overrides: list[str] | None = None) -> PipelineSettings:
+PARTIAL_LABEL = "settings parameter: "
+"""How a problem in a flow run's partial `settings` override is named."""
+
+
+def load_settings(name_or_file: str | None = None, overrides: list[str] | None = None,
+                  partial: Mapping[str, Any] | None = None) -> PipelineSettings:
+    """A preset or settings file, then `--set` `overrides`, or the `partial` settings mapping a
+    flow run was given (merged as `merge` does)."""
     overrides = list(overrides or [])
     check_overrides(overrides, name_or_file)
     path = resolve_config(name_or_file)
     data = read_yaml(path)
     for assignment in overrides:
         apply_override(data, assignment)
+    if partial is not None and not isinstance(partial, Mapping):
+        raise UserError(f"{PARTIAL_LABEL}expected a mapping of settings to change, e.g. "
+                        f'{{"train": {{"train_iters": 20}}}}, got {partial!r}')
+    data = merge(data, partial or {})
     try:
         return PipelineSettings.model_validate(data)
     except ValidationError as err:
         # Name what the user wrote: their file, or the preset (not its file) they chose.
         origin = str(path) if path.parent != PRESETS_DIR else f"preset {path.stem}"
+        if partial:
+            raise UserError(format_validation_error(err, origin, leaf_keys(partial),
+                                                    PARTIAL_LABEL)) from None
         keys = [a.partition("=")[0].strip() for a in overrides]
         raise UserError(format_validation_error(err, origin, keys)) from None
 

@@ -103,7 +103,9 @@ class PatchTokenizerSettings(Strict):
 
     chat_template_file: Path | None = None
     """Replace the chat template with the Jinja template in this file (applied before the edits
-    above, which are then checked against it)."""
+    above, which are then checked against it). Without it, a tokenizer that has no chat template
+    gets ChatML (open-r1's default), `<|im_start|>`/`<|im_end|>` added as special tokens if
+    missing."""
 
     single_tokens: list[str] = Field(default_factory=lambda: ["<think>", "</think>"])
     """Strings that must each encode to exactly one token after patching (checked)."""
@@ -332,7 +334,7 @@ class TrainSettings(Strict):
     min_lr: float = Field(default=1e-4, ge=0)
     """Final learning rate of the cosine decay."""
     lr_warmup_iters: int = Field(default=4, ge=0)
-    """Linear warm-up steps."""
+    """Linear warm-up steps (at most `train_iters`)."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
     lr_decay_iters: int | None = Field(default=None, ge=1)
@@ -426,6 +428,10 @@ class TrainSettings(Strict):
     def _lr_order(self) -> "TrainSettings":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_warmup_iters > self.train_iters:
+            raise ValueError(f"lr_warmup_iters ({self.lr_warmup_iters}) must not exceed "
+                             f"train_iters ({self.train_iters}): the learning rate would never "
+                             "reach its peak; lower lr_warmup_iters")
         world = self.nproc_per_node * self.nnodes
         model_parallel = self.tensor_parallel * self.pipeline_parallel
         if world % model_parallel:

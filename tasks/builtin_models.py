@@ -53,6 +53,12 @@ def builtin_fingerprint(name: str) -> dict[str, Any]:
             "torch": version("torch").split("+")[0], "transformers": version("transformers")}
 
 
+def builtin_config(name: str) -> dict[str, Any]:
+    """The built-in model's config.json as `build_builtin` writes it (the geometry fields)."""
+    folder, overrides, _ = builtin_spec(name)
+    return {**json.loads((folder / "config.json").read_text()), **overrides}
+
+
 def build_builtin(name: str, out: Path) -> dict[str, Any]:
     """Write the built-in model as an HF folder (safetensors, config, real tokenizer)."""
     import torch

@@ -20,7 +20,7 @@ from settings.errors import UserError
 from settings.models import HF_SOURCE, DownloadSettings
 from tasks.artifacts import ensure_free_space, progress
 from tasks.retry import is_network_error
-from tasks.builtin_models import build_builtin, builtin_fingerprint
+from tasks.builtin_models import build_builtin, builtin_config, builtin_fingerprint
 from tasks.stage import BuildContext, Stage
 
 SAFE_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja",
@@ -128,6 +128,20 @@ def fingerprint(settings: DownloadSettings) -> dict[str, Any]:
     root = local_dir(settings.source)
     return {"dir": str(root), "files": sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                             for p in root.rglob("*") if p.is_file())}
+
+
+def known_config(settings: DownloadSettings, artifact: Path | None) -> dict[str, Any] | None:
+    """The model's config.json before anything is downloaded, when it is cheap to know: a
+    built-in's, a local folder's, or the download artifact's (`artifact`, when intact); None for
+    a Hub model not downloaded yet."""
+    kind = source_kind(settings.source)
+    if kind == "builtin":
+        return builtin_config(settings.source.removeprefix("builtin:"))
+    if kind == "local":
+        return json.loads((local_dir(settings.source) / "config.json").read_text())
+    if artifact is not None and (artifact / "config.json").is_file():
+        return json.loads((artifact / "config.json").read_text())
+    return None
 
 
 def _matches(rel: str, patterns: list[str]) -> bool:

@@ -79,9 +79,14 @@ def build(ctx: BuildContext) -> None:
         json.dumps(generation_config(base, ctx.out, s), indent=2) + "\n")
     config = json.loads((ctx.out / "config.json").read_text())
     base_vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    tokens = _tokenizer_size(ctx.out)
     if config["vocab_size"] != base_vocab:
-        raise UserError(f"vocab_size {config['vocab_size']} differs from the base "
-                        f"model's {base_vocab}")
+        # Only tokens the patch added (ChatML's) may have grown the embedding, to just hold them.
+        if config["vocab_size"] < base_vocab or config["vocab_size"] != tokens:
+            raise UserError(f"vocab_size {config['vocab_size']} differs from the base model's "
+                            f"{base_vocab} and from the tokenizer's {tokens} tokens")
+        ctx.log.info("export: vocab_size %d (the base model's %d grown for the tokens the "
+                     "tokenizer patch added)", config["vocab_size"], base_vocab)
     info = model_card.lineage(ctx.upstream, iteration)
     (ctx.out / "model_card_info.json").write_text(json.dumps({**info, "iteration": iteration},
                                                              indent=2))
@@ -95,6 +100,15 @@ def build(ctx: BuildContext) -> None:
                     str(ctx.out / "verification.json")], (1, 1), logs / "verify.log", timeout)
         check_verification(ctx, s.max_abs_diff, s.min_top1_agreement,
                            "the exported folder does not reproduce the checkpoint's logits")
+
+
+def _tokenizer_size(folder: Path) -> int:
+    """Token ids in the tokenizer (base vocabulary and added tokens)."""
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tj.get("model", {}).get("vocab", {})
+    ids = [*(vocab.values() if isinstance(vocab, dict) else []),
+           *(t["id"] for t in tj.get("added_tokens", []))]
+    return max(ids, default=-1) + 1
 
 
 def report(manifest: Manifest) -> list[dict]:

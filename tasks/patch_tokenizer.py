@@ -1,6 +1,8 @@
 """Stage `patch_tokenizer`: settings-driven edits of the tokenizer files, verified with transformers.
 
-The Thinkless warm-up needs three edits of the DeepSeek-R1-Distill tokenizer:
+A tokenizer without a chat template gets ChatML (as open-r1 gives it), with `<|im_start|>` and
+`<|im_end|>` added as special tokens when it lacks them. The Thinkless warm-up needs three edits
+of the DeepSeek-R1-Distill tokenizer:
 - id 151650 `<|quad_start|>` becomes the non-special control token `<short>` (in tokenizer.json,
   and in tokenizer_config.json's `added_tokens_decoder` / special-token lists when present);
 - assistant turns keep their full `<think>…</think>` reasoning (the R1 template cut it away);
@@ -136,6 +138,46 @@ def edit_template(template: str, settings: PatchTokenizerSettings) -> tuple[str,
     return template, changes
 
 
+# open-r1 (and TRL's `setup_chat_format`) give a model without a chat template ChatML, whose
+# `<|im_end|>` closes every turn: the token the model learns to stop on.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def add_special_tokens(folder: Path, contents: tuple[str, ...]) -> dict[str, int]:
+    """Make each of `contents` a special added token unless the tokenizer has it; returns the
+    ids of those added (after every existing id, so the embedding may have to grow)."""
+    tj = _read_json(folder / "tokenizer.json")
+    if tj is None:
+        raise UserError(f"{folder} has no tokenizer.json (a fast tokenizer is "
+                        "required); check download.source")
+    config = _read_json(folder / "tokenizer_config.json") or {}
+    vocab = tj.get("model", {}).get("vocab", {})
+    vocab = vocab if isinstance(vocab, dict) else {}
+    known = {t["content"] for t in tj.get("added_tokens", [])} | set(vocab)
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in tj.get("added_tokens", []))], default=-1)
+    added = {}
+    for content in contents:
+        if content in known:
+            continue
+        entry = {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True}
+        tj.setdefault("added_tokens", []).append({"id": next_id, **entry})
+        # A config's `added_tokens_decoder`, when it has one, is the whole list to transformers
+        # (which then ignores tokenizer.json's): keep it complete, never start one.
+        if isinstance(config.get("added_tokens_decoder"), dict):
+            config["added_tokens_decoder"][str(next_id)] = entry
+        added[content] = next_id
+        next_id += 1
+    if added:
+        _write_json(folder / "tokenizer.json", tj)
+        if "added_tokens_decoder" in config:
+            _write_json(folder / "tokenizer_config.json", config)
+    return added
+
+
 def patch_folder(folder: Path, settings: PatchTokenizerSettings) -> list[str]:
     """Apply every configured edit to the tokenizer files in `folder`, in place."""
     changes = rename_tokens(folder, settings)
@@ -147,8 +189,10 @@ def patch_folder(folder: Path, settings: PatchTokenizerSettings) -> list[str]:
         template = path.read_text()
         changes.append(f"chat template replaced by {path.name}")
     if template is None:
-        raise UserError("the tokenizer has no chat template; set "
-                        "patch_tokenizer.chat_template_file")
+        template = CHATML
+        added = add_special_tokens(folder, CHATML_TOKENS)
+        changes.append("no chat template: ChatML (open-r1's default), <|im_end|> closes a turn"
+                       + "".join(f"; added special token {t} = {i}" for t, i in added.items()))
     template, edits = edit_template(template, settings)
     write_template(folder, template, where)
     return changes + edits
@@ -180,6 +224,10 @@ def verify_folder(folder: Path, settings: PatchTokenizerSettings) -> dict[str, s
         expect = "" if r.special else r.content
         check(f"{r.content} with skip_special_tokens", shown == expect,
               f"decode([{r.id}], skip_special_tokens=True) = {shown!r}")
+    if template_is_chatml(folder):
+        for text in CHATML_TOKENS:
+            ids = tok.encode(text, add_special_tokens=False)
+            check(f"{text} is one token", len(ids) == 1, f"encodes to {ids}")
     for text in settings.single_tokens:
         ids = tok.encode(text, add_special_tokens=False)
         check(f"{text} is one token", len(ids) == 1, f"encodes to {ids}")
@@ -208,6 +256,22 @@ def verify_folder(folder: Path, settings: PatchTokenizerSettings) -> dict[str, s
     return checks
 
 
+def template_is_chatml(folder: Path) -> bool:
+    return read_template(folder)[0] == CHATML
+
+
+def embedding_growth(folder: Path, model_vocab: int) -> str | None:
+    """What the model must do for token ids beyond its `model_vocab` embedding rows (tokens this
+    patch added), in words; None when every id fits."""
+    tj = _read_json(folder / "tokenizer.json") or {}
+    beyond = sorted(t["id"] for t in tj.get("added_tokens", []) if t["id"] >= model_vocab)
+    if not beyond:
+        return None
+    return (f"token ids {', '.join(map(str, beyond))} are beyond the model's {model_vocab} "
+            f"embedding rows: train grows the embedding (and output layer) to {beyond[-1] + 1} "
+            f"rows, the new ones starting at zero, and export writes vocab_size {beyond[-1] + 1}")
+
+
 def build(ctx: BuildContext) -> None:
     source = ctx.upstream["download"].dir
     for name in TOKENIZER_FILES:
@@ -215,6 +279,9 @@ def build(ctx: BuildContext) -> None:
             shutil.copyfile(source / name, ctx.out / name)
     changes = patch_folder(ctx.out, ctx.settings)
     checks = verify_folder(ctx.out, ctx.settings)
+    model_vocab = (_read_json(source / "config.json") or {}).get("vocab_size")
+    if model_vocab and (growth := embedding_growth(ctx.out, model_vocab)):
+        changes.append(growth)
     for line in changes or ["nothing to change (already patched)"]:
         ctx.log.info("patch_tokenizer: %s", line)
     ctx.meta.update(changes=changes, checks=checks)

@@ -304,13 +304,16 @@ def run_pipeline(workdir: Path, *overrides: str, **selection):
 
     from flows.pipeline import sft_pipeline
     from settings import load_settings
+    from settings.loader import overrides_dict
 
     if not {"until", "only", "from_stage"} & selection.keys():  # until=None: everything
         selection["until"] = "patch_tokenizer"
     # Two short training steps: the trainer has its own tests; here it is the wiring.
     quick = ["train.train_iters=2", "train.save_interval=1", "train.lr_warmup_iters=1"]
-    settings = load_settings("tiny", [f"workdir={workdir}", *quick, *overrides])
-    state = sft_pipeline(settings=settings, return_state=True, **selection)
+    assignments = [f"workdir={workdir}", *quick, *overrides]
+    load_settings("tiny", assignments)  # a test's own mistake, as a traceback here
+    state = sft_pipeline(preset="tiny", settings=overrides_dict(assignments), return_state=True,
+                         **selection)
     with get_client(sync_client=True) as client:
         flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         task_runs = settled_task_runs(client, flow_filter)

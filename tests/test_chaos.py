@@ -12,7 +12,8 @@ from benchmarks.chaos_harness import DrillResult, Harness
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chaos")]  # one baseline run
 
-CHEAP = ["train.train_iters=2", "train.save_interval=1", "train.global_batch_size=1",
+CHEAP = ["train.train_iters=2", "train.lr_warmup_iters=1", "train.save_interval=1",
+         "train.global_batch_size=1",
          "convert.verify=false", "export.verify=false",
          "evaluate.tasks=[{name: math_500_local, samples: 1}]", "evaluate.max_problems=1",
          "evaluate.max_new_tokens=8"]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 
 import httpx
 import pytest
@@ -22,6 +23,11 @@ from tests.conftest import COMMIT, make_hf_cache, rsft
     (["run", "--set", "train.lrr=1"], "train.lrr = 1: unknown setting"),
     (["run", "--set", "train.lr=fast"], "train.lr = 'fast': Input should be a valid number"),
     (["run", "--only", "nosuchstage"], "--only nosuchstage: no such stage"),
+    # what the model's config decides, before any stage (tokenize would rebuild first)
+    (["run", "--set", "tokenize.seq_length=262144"], "tokenize.seq_length 262144 is above the "
+     "model's max_position_embeddings 131072 (builtin:tiny-qwen2); lower tokenize.seq_length"),
+    (["run", "--set", "train.train_iters=2"], "--set train: Value error, lr_warmup_iters (4) "
+     "must not exceed train_iters (2): the learning rate would never reach its peak"),
     (["run", "--set", "download.source=/no/such/model"], "local model directory /no/such/model does not exist"),
     (["run", "bad.yaml"], "bad.yaml line 2, column 1: invalid YAML"),
     (["stages", "missing.yaml"], "settings file missing.yaml does not exist"),
@@ -253,6 +259,58 @@ def test_killed_training_resumes_and_the_finished_run_says_where_everything_is(t
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_everything_at_once_and_names_where_to_resume(tmp_path, cli_env):
+    """SIGINT to `rsft run`'s process group (a terminal's Ctrl-C) while it trains, on Prefect's
+    ephemeral API server (which the Ctrl-C stops too): exit 130 within 10 s, one line naming
+    the step reached and the one to resume from, no process left; the rerun resumes there."""
+    import psutil
+
+    work = tmp_path / "work"
+    args = ["run", "--set", f"workdir={work}", "--set", "train.train_iters=6", "--set",
+            "train.save_interval=1", "--set", "train.keep_last=1", "--set",
+            "train.global_batch_size=1", "--until", "train"]
+    env = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path,
+                                env=env, stdout=o, stderr=e, start_new_session=True)
+    deadline = time.time() + 600
+    while not (list(work.glob("scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"))
+               and len(_lines(work.glob("scratch/train/*/metrics.jsonl"))) >= 2):
+        assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
+        time.sleep(0.1)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert any("megatron_bridge.training" in " ".join(p.cmdline()) for p in tree)
+    seen = {f: f.stat().st_size for f in (out, err)}
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        code = proc.wait(timeout=10)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130 and time.monotonic() - started < 10
+    _, alive = psutil.wait_procs(tree, timeout=2)
+    assert not alive, [p.cmdline() for p in alive]
+    after = [line for f, size in seen.items()
+             for line in f.read_bytes()[size:].decode(errors="replace").splitlines()]
+    (line,) = [x for x in after if "| INFO" not in x]  # a step's log line may race it
+    reached = len(_lines(work.glob("scratch/train/*/metrics.jsonl")))
+    saved = int(next(work.glob("scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"))
+                .read_text())
+    assert line == f"interrupted at step {reached}; `rsft run` resumes from step {saved}"
+    rerun = rsft(*args, cwd=tmp_path, env=cli_env, check=True, timeout=900)
+    assert f"training: steps {saved}..6" in rerun.stdout + rerun.stderr
+    (final,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
+    assert [json.loads(x)["step"] for x in final.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def _lines(paths) -> list[str]:
+    return [line for p in paths for line in p.read_text().splitlines()]
+
+
+@pytest.mark.slow
 def test_sigkill_mid_stage_never_leaves_a_trusted_artifact(tmp_path, cli_env):
     """Kill -9 `rsft run` while each stage is building; the rerun completes and every artifact
     matches an uninterrupted run."""
@@ -304,6 +362,12 @@ def test_hub_download_offline_through_the_cli(tmp_path, cli_env, tiny_model_dir)
     assert COMMIT in manifest
     again = rsft("run", *args, cwd=tmp_path, env=env, check=True)
     assert (again.stdout + again.stderr).count("Finished in state Cached") == 2
+    # the downloaded config is known now: a sequence length above its positions is refused
+    # before planning anything (a Hub model not downloaded yet is checked in `train`)
+    longer = rsft("stages", *args[:4], "--set", "tokenize.seq_length=262144", cwd=tmp_path,
+                  env=env)
+    assert longer.returncode == 2 and "above the model's max_position_embeddings 131072" in \
+        longer.stderr, longer.stderr
 
 
 @pytest.mark.slow

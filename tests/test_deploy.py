@@ -14,12 +14,56 @@ from settings.loader import load_settings
 from settings.models import PipelineSettings
 
 
-def test_deployment_settings_are_the_presets():
+def test_deployments_name_a_preset_and_change_no_setting():
+    """A deployment is a preset; a run's `settings` parameter is only what that run changes (a
+    `settings` in the deployment would be replaced whole by any run that gives one)."""
     spec = yaml.safe_load(PREFECT_FILE.read_text())
     for deployment in spec["deployments"]:
-        settings = deployment["parameters"]["settings"]
-        assert PipelineSettings.model_validate(settings) == load_settings(settings["name"]), \
-            f"{deployment['name']}: edit deployments/prefect.yaml to match its preset"
+        parameters = deployment["parameters"]
+        assert "settings" not in parameters, deployment["name"]
+        assert load_settings(parameters["preset"]).name == parameters["preset"]
+
+
+def test_a_partial_settings_override_runs_on_the_deployments_preset(prefect_api, tmp_path):
+    """A deployment run created with `-p settings='{"train": {...}}'` (the server merges run
+    parameters over the deployment's, top-level keys only) runs with the preset's settings plus
+    that change; a mistake in it fails the run at its start with one line."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import sft_pipeline
+
+    deployment_id = sft_pipeline.to_deployment(
+        name="partial-override", parameters={"preset": "tiny"}).apply()
+    override = {"workdir": str(tmp_path), "train": {"train_iters": 20, "lr": 2e-4}}
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            deployment_id, parameters={"settings": override, "until": "dataset"})
+        assert run.parameters == {"preset": "tiny", "settings": override, "until": "dataset"}
+        state = run_flow(sft_pipeline, flow_run=run, parameters=run.parameters,
+                         return_type="state")
+        assert state.is_completed(), state.message
+        (artifact,) = [a for a in client.read_artifacts() if a.key.endswith("-sft-pipeline-settings")
+                       and a.flow_run_id == run.id]
+        assert client.read_flow_run(run.id).name.startswith("tiny-")
+    resolved = PipelineSettings.model_validate(
+        yaml.safe_load(artifact.data.split("```yaml\n", 1)[1].split("```", 1)[0]))
+    expected = load_settings("tiny", [f"workdir={tmp_path}", "train.train_iters=20",
+                                      "train.lr=2e-4"])
+    assert resolved == expected
+    assert (resolved.tokenize.seq_length, resolved.train.device, resolved.dataset.test_split,
+            resolved.train.lr_warmup_iters) == (2048, "cpu", 4, 4)  # the preset's, kept
+    assert "`train.train_iters`, `train.lr`" in artifact.data
+    assert (tmp_path / "artifacts" / "dataset").is_dir()
+
+    with get_client(sync_client=True) as client:
+        bad = client.create_flow_run_from_deployment(deployment_id, parameters={
+            "settings": {"workdir": str(tmp_path / "bad"), "train": {"lr": -1.0}}})
+        state = run_flow(sft_pipeline, flow_run=bad, parameters=bad.parameters,
+                         return_type="state")
+    assert state.is_failed() and state.message == (
+        "settings parameter: train.lr = -1.0: Input should be greater than 0")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
@@ -40,7 +84,7 @@ def test_rsft_deploy_applies_pools_limit_deployments_and_schedule(prefect_api, t
         assert {p.name for p in client.read_work_pools()} >= {"rsft-gpu-host", "rsft-cluster"}
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 2
         tiny = client.read_deployment_by_name("sft-pipeline/tiny")
-        assert tiny.parameters["settings"]["name"] == "tiny"
+        assert tiny.parameters == {"preset": "tiny"}
         assert tiny.pull_steps[0]["prefect.deployments.steps.set_working_directory"] == {
             "directory": str(ROOT)}
         rerun = client.read_deployment_by_name("rerun-stage/tiny")
@@ -54,11 +98,10 @@ def test_rsft_deploy_applies_pools_limit_deployments_and_schedule(prefect_api, t
         assert "prefect.flow-run.Crashed" in crashed.trigger.expect
         assert crashed.actions[0].block_document_id == block.id
         assert client.read_automations_by_name("rsft-run-stuck-pending")
-        # parameters are the typed settings: an invalid one is refused when the run is created
-        with pytest.raises(Exception, match="lr|greater"):
-            client.create_flow_run_from_deployment(
-                tiny.id, parameters={"settings": {**tiny.parameters["settings"],
-                                                  "train": {"lr": -1.0}}})
+        # `settings` is a mapping of changes (checked when the run starts): anything else is
+        # refused when the run is created
+        with pytest.raises(Exception, match="settings|object|dict"):
+            client.create_flow_run_from_deployment(tiny.id, parameters={"settings": "fast"})
     # Applying again changes nothing that exists.
     again = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--notify",
                             "custom-webhook/rsft-deploy-ops"], cwd=tmp_path, env=env,

@@ -27,7 +27,6 @@ from uuid import UUID
 
 import psutil
 import pytest
-import yaml
 
 from megatron_bridge.launch import free_port
 from tests.conftest import ROOT, settled_task_runs
@@ -179,15 +178,16 @@ def ops(tmp_path_factory):
             _stop(proc)
 
 
+CHANGES = {"train": {"train_iters": 2, "save_interval": 2, "lr_warmup_iters": 1}}
+
+
 def _settings(ops: Ops, train_iters: int = 2) -> str:
-    """The tiny deployment's settings with 2 training steps (the test's cost; a 12-step run
-    proves nothing more here), as the JSON `prefect deployment run -p settings=…` takes."""
-    spec = yaml.safe_load((ops.project / "deployments" / "prefect.yaml").read_text())
-    (tiny,) = [d for d in spec["deployments"]
-               if d["name"] == "tiny" and d["entrypoint"].endswith(":sft_pipeline")]
-    settings = tiny["parameters"]["settings"]
-    settings["train"].update(train_iters=train_iters, save_interval=train_iters, lr_warmup_iters=1)
-    return "settings=" + json.dumps(settings)
+    """Only what the test changes on the tiny deployment's preset — 2 training steps (the test's
+    cost; a 12-step run proves nothing more here) — as `prefect deployment run -p settings=…`
+    takes it: the run merges it onto the preset."""
+    changes = {"train": {**CHANGES["train"], "train_iters": train_iters,
+                         "save_interval": train_iters}}
+    return "settings=" + json.dumps(changes)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,15 @@ def test_deployment_run_builds_every_stage_through_the_worker(ops, first_run):
     assert ops.stage_runs(first_run) == sorted((s, "Completed") for s in STAGES)
     with ops.client() as client:
         deployment = client.read_deployment_by_name("sft-pipeline/tiny")
+        assert client.read_flow_run(first_run).parameters == {"preset": "tiny",
+                                                              "settings": CHANGES}
+    # the partial override landed on the preset: the train job has both
+    (job_file,) = (ops.project / "rsft-work").glob("scratch/train/*/job.json")
+    job = json.loads(job_file.read_text())
+    assert {k: job["train"][k] for k in CHANGES["train"]} == CHANGES["train"]
+    assert (job["train"]["global_batch_size"], job["train"]["lr"], job["device"]) == (2, 1e-3, "cpu")
+    (stats,) = (ops.project / "rsft-work").glob("artifacts/tokenize/*/stats.json")
+    assert json.loads(stats.read_text())["seq_length"] == 2048  # tiny's, not the default 16384
     assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"] == {
         "directory": str(ops.project)}
     # the worker ran the flow in the project copy: its artifacts are there

@@ -155,6 +155,26 @@ def test_unmaskable_template_fails_its_check(r1_tokenizer_dir, tmp_path):
         patched(r1_tokenizer_dir, chat_template_file=tmp_path / "missing.jinja")
 
 
+def test_a_tokenizer_without_template_gets_chatml_once(r1_tokenizer_dir):
+    """ChatML with `<|im_end|>` closing each turn, its two tokens added as special tokens after
+    every existing id; patching the patched folder changes nothing."""
+    config = json.loads((r1_tokenizer_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (r1_tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = patched(r1_tokenizer_dir)
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [151665, 151666]
+    assert len(tok) == 151667 and tok.convert_tokens_to_ids("<short>") == 151650
+    turn = tok.apply_chat_template(QUESTION + [{"role": "assistant", "content": TRACE}],
+                                   tokenize=False)
+    assert turn == (f"<|im_start|>user\n{QUESTION[0]['content']}<|im_end|>\n"
+                    f"<|im_start|>assistant\n{TRACE}<|im_end|>\n")
+    assert tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True
+                                   ).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    files = {f.name: f.read_bytes() for f in r1_tokenizer_dir.iterdir()}
+    assert patch_folder(r1_tokenizer_dir, PatchTokenizerSettings()) == []
+    assert files == {f.name: f.read_bytes() for f in r1_tokenizer_dir.iterdir()}
+
+
 def test_shipped_tokenizer_matches_shared_assets():
     shared = Path(__file__).resolve().parents[2] / "shared/assets/tokenizers/deepseek-r1-distill-qwen-1.5b"
     if not shared.is_dir():

@@ -298,6 +298,60 @@ def test_whole_pipeline_converts_trains_exports_and_evaluates(tmp_path):
                       "tokenize": "Completed"}
 
 
+@pytest.mark.slow
+def test_a_tokenizer_without_chat_template_gets_chatml_and_its_tokens_grow_the_embedding(tmp_path):
+    """open-r1's rule: no chat template → ChatML. The R1 tokenizer without its template, on a
+    model whose embedding has exactly its 151665 tokens: `<|im_start|>`/`<|im_end|>` are added
+    (151665, 151666), training grows the embedding to hold them, and the export is a folder
+    transformers loads with vocab_size 151667 and whose generation stops at `<|im_end|>`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "model"
+    config = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  num_hidden_layers=2, vocab_size=151665,
+                                  max_position_embeddings=4096)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    shutil.copyfile(ROOT / "examples/tokenizers/deepseek-r1-distill-qwen-1.5b/tokenizer.json",
+                    src / "tokenizer.json")
+    tokenizer_config = json.loads((ROOT / "examples/tokenizers/deepseek-r1-distill-qwen-1.5b/"
+                                   "tokenizer_config.json").read_text())
+    del tokenizer_config["chat_template"]
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    state, states, _ = run_pipeline(tmp_path / "work", f"download.source={src}", until="export")
+    assert state.is_completed(), state.message
+    m = state.result()
+    changes = m["patch_tokenizer"].meta["changes"]
+    assert ("no chat template: ChatML (open-r1's default), <|im_end|> closes a turn; added "
+            "special token <|im_start|> = 151665; added special token <|im_end|> = 151666"
+            in changes)
+    assert any(c.startswith("token ids 151665, 151666 are beyond the model's 151665 embedding "
+                            "rows: train grows the embedding") for c in changes)
+    assert ("training: the embedding grows from 151665 to 151667 rows"
+            in (m["train"].dir / "train.log").read_text())
+
+    export = m["export"].dir
+    assert json.loads((export / "config.json").read_text())["vocab_size"] == 151667
+    assert m["export"].meta["max_abs_diff"] <= 1e-5
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end == 151666 and model.get_input_embeddings().weight.shape[0] == 151667
+    assert model.generation_config.eos_token_id[0] == end
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    start = prompt["input_ids"].shape[1]
+    assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    torch.manual_seed(0)
+    out = model.generate(**prompt, max_new_tokens=50, logits_processor=[_EosAfter(3, end, start)])
+    new = out[0, start:].tolist()
+    assert new[-1] == end and len(new) == 4
+
+
 def readme_edges() -> set[tuple[str, str]]:
     """The README's `Edges:` line: `a → b, c; d → e` → {(a, b), (a, c), (d, e)}."""
     line = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("Edges:"))

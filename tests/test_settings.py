@@ -38,6 +38,7 @@ def test_overrides_parse_yaml_values():
     (["train.lr=abc"], "train.lr = 'abc': Input should be a valid number"),
     (["download.source=hf://nope"], "download.source = 'hf://nope'"),
     (["train.min_lr=1", "train.lr=0.1"], "min_lr (1.0) must not exceed lr (0.1)"),
+    (["train.train_iters=2"], "lr_warmup_iters (4) must not exceed train_iters (2)"),
     (["nonsense"], "expected KEY=VALUE"),
     (["train.lr.x=1"], "'train.lr' is not a section"),
     (["train.nproc_per_node=2", "train.global_batch_size=3"],

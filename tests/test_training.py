@@ -346,6 +346,10 @@ def _edit_json(path: Path, **changes) -> None:
     ("tokenizer", "the data was tokenized with a tokenizer whose EOS is 1"),
     ("gpu", "train.device is cuda but no GPU is visible"),
     ("seq", "the data's seq_length 256 is above the model's max_position_embeddings 128"),
+    # added tokens may grow the embedding (the ChatML test in test_pipeline); a larger base
+    # vocabulary is another tokenizer
+    ("vocab", "the data's tokenizer has 200010 tokens, the model only 151936: data and model "
+     "are not from one tokenizer"),
     ("world", "2 processes were launched for a job of train.nproc_per_node × nnodes = 1 × 1"),
 ])
 def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, monkeypatch,
@@ -362,6 +366,9 @@ def test_bad_input_fails_in_one_line_before_training(converted, data, tmp_path, 
         _edit_json(tok / "stats.json", **{"tokenizer.eos_id": 1})
     elif case == "world":
         monkeypatch.setenv("WORLD_SIZE", "2")
+    elif case == "vocab":
+        _edit_json(tok / "stats.json", **{"tokenizer.vocab_size": 200010,
+                                         "tokenizer.base_vocab_size": 200000})
     elif case == "seq":
         _edit_json(ckpt / "rsft_checkpoint.json", **{"hf_config.max_position_embeddings": 128})
     if case == "tokenizer":  # once through the real entry point: exit 2, one `error:` line

@@ -186,5 +186,8 @@ class ChatMasker:
         raise TemplateError("the chat template renders an assistant turn with no closing token")
 
     def describe(self) -> dict[str, Any]:
+        """`base_vocab_size`: the vocabulary without added tokens (special tokens, ChatML's),
+        which alone must fit the model's embedding: added ones may grow it."""
         return {"eos_id": self.eos_id, "vocab_size": self.vocab_size,
+                "base_vocab_size": self.backend.get_vocab_size(with_added_tokens=False),
                 "control_ids": sorted(int(i) for i in self.control_ids)}

@@ -118,7 +118,9 @@ class TrainJob(BaseModel):
             raise UserError(f"the data was tokenized with a tokenizer whose EOS is {ours}, but "
                            f"the model's config says {theirs}: re-tokenize with this model's "
                            "tokenizer")
-        if tok["vocab_size"] > model_meta["vocab_size"]:
+        # Added tokens beyond the model's rows (ChatML's `<|im_end|>`) grow its embedding
+        # (`grown_vocabulary`); a larger base vocabulary is another tokenizer.
+        if tok.get("base_vocab_size", tok["vocab_size"]) > model_meta["vocab_size"]:
             raise UserError(f"the data's tokenizer has {tok['vocab_size']} tokens, the model only "
                            f"{model_meta['vocab_size']}: data and model are not from one tokenizer")
         max_pos = hf.get("max_position_embeddings")

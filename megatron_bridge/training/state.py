@@ -27,12 +27,7 @@ from megatron_bridge.files import fsync_path
 from settings.errors import UserError
 
 
-def latest_iteration(save: Path) -> int | None:
-    tracker = Path(save) / checkpoint.TRACKER
-    if not tracker.is_file():
-        return None
-    value = tracker.read_text().strip()
-    return int(value) if value.isdigit() else None
+latest_iteration = checkpoint.latest_iteration
 
 
 def resume_point(save: Path, limit: int) -> int | None:

@@ -44,6 +44,17 @@ def read_inputs(job: TrainJob) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, json.loads(stats_path.read_text())
 
 
+def grown_vocabulary(meta: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The converted checkpoint's metadata for a tokenizer of `tokens` tokens: unchanged if they
+    fit its embedding, else grown to them (tokens the patch added, such as ChatML's
+    `<|im_end|>`). Loading fills the rows the checkpoint has and zeroes the rest (megatron-core
+    loads embeddings across vocabulary paddings); the trained checkpoints, and so the export,
+    carry the grown size."""
+    if tokens <= meta["vocab_size"]:
+        return meta
+    return {**meta, "vocab_size": tokens, "hf_config": {**meta["hf_config"], "vocab_size": tokens}}
+
+
 def model_flops(hf: dict[str, Any], lengths: list[list[int]]) -> float:
     """Training FLOPs of a step over rows of packed samples (Megatron's formula, forward +
     backward = 3× forward), attention counted over the real sample lengths (packed samples do
@@ -212,6 +223,10 @@ def run(job: TrainJob) -> None:
     meta, stats = read_inputs(job)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     job.check(world, meta, stats)
+    converted, meta = meta["vocab_size"], grown_vocabulary(meta, stats["tokenizer"]["vocab_size"])
+    if meta["vocab_size"] != converted and int(os.environ.get("RANK", "0")) == 0:
+        print(f"training: the embedding grows from {converted} to {meta['vocab_size']} rows for "
+              "the tokens the tokenizer added; the new rows start at zero", flush=True)
     t, save_dir = job.train, Path(job.save)
     with model_parallel(t.tensor_parallel, t.pipeline_parallel, t.seed):
         from megatron.core import parallel_state as ps
