@@ -369,8 +369,10 @@ def report(manifest: Manifest) -> list[dict[str, Any]]:
     every = max(1, len(metrics) // 20)
     columns = ["step", "loss", *(["val_loss"] if any("val_loss" in m for m in metrics) else []),
                "lr", "grad_norm", "tokens_per_s", "memory_gb"]
-    return [{k: m.get(k) for k in columns}
-            for m in metrics[::every] + ([metrics[-1]] if len(metrics) % every != 1 else [])]
+    rows = metrics[::every]
+    if rows[-1] is not metrics[-1]:  # the last step always, once
+        rows.append(metrics[-1])
+    return [{k: m.get(k) for k in columns} for m in rows]
 
 
 def final_losses(metrics: list[dict[str, Any]]) -> dict[str, Any]:

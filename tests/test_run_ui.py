@@ -122,3 +122,17 @@ def test_run_names_say_what_differs_and_each_run_keeps_its_own_artifacts(tmp_pat
             (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=[key])))
             assert artifact.flow_run_id == run.id
+
+
+@pytest.mark.parametrize("steps, shown", [(12, list(range(1, 13))), (40, [*range(1, 40, 2), 40]),
+                                          (41, [*range(1, 42, 2)])])
+def test_the_train_report_shows_each_step_once_and_always_the_last(tmp_path, steps, shown):
+    from types import SimpleNamespace
+
+    from tasks.train import report
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0,
+         "memory_gb": 1.0}) + "\n" for s in range(1, steps + 1)))
+    assert [r["step"] for r in report(SimpleNamespace(dir=tmp_path))] == shown
+
