@@ -27,7 +27,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 def resume_line(settings: PipelineSettings, planned) -> str:
     """Where a rerun picks up: the training step reached and the checkpoint it resumes from,
     else which stages were running (they are rebuilt; finished ones are reused)."""
-    from megatron_bridge.checkpoint import latest_iteration
+    from megatron_bridge.training.state import resume_point
     from tasks.agent_watch import latest_metrics
 
     store = ArtifactStore(settings.workdir)
@@ -35,10 +35,11 @@ def resume_line(settings: PipelineSettings, planned) -> str:
              or store.check(p.name, p.plan.key)[0] is not None}
     train = next((p for p in planned if p.name == "train" and p.name not in built), None)
     if train is not None:
-        work = store.scratch("train", train.plan.key)
+        work = store.scratch("train", train.plan.scratch)
         record = latest_metrics(work / "metrics.jsonl")
         if record is not None:
-            saved = latest_iteration(work / "checkpoints") or 0
+            # a longer run of the lineage may have left later checkpoints: this run's resume point
+            saved = resume_point(work / "checkpoints", train.section.train_iters) or 0
             resume = (f"`rsft run` resumes from step {saved}" if saved else
                       "`rsft run` starts training over (no checkpoint yet: one every "
                       f"train.save_interval = {settings.train.save_interval} steps)")
