@@ -143,7 +143,9 @@ def extended(tmp_path_factory, prefect_api):
     return work, first, second
 
 
-pipeline = pytest.mark.usefixtures("prefect_api")
+def pipeline(test):
+    """A test of the `extended` workdir: on one process (pytest-xdist), so it is built once."""
+    return pytest.mark.xdist_group("extended")(pytest.mark.usefixtures("prefect_api")(test))
 
 
 @pytest.mark.slow
