@@ -249,7 +249,8 @@ def _seed(value: Any, recipe: dict[str, Any], out: Imported) -> None:
 
 
 def _handled_elsewhere(value: Any, recipe: dict[str, Any], out: Imported) -> None:
-    pass
+    """A key read together with the one that owns it (the revision with the model, the
+    accumulation with the batch, the scheduler's kwargs with its type): nothing of its own."""
 
 
 def rules(template_file: str) -> dict[str, Rule]:

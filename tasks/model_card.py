@@ -3,9 +3,9 @@ and the artifact keys that produced it (lineage). Facts come from the upstream m
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from megatron_bridge.training.job import read_metrics
 from tasks.artifacts import Manifest
 
 TRAIN_KEYS = ("global_batch_size", "micro_batch_size", "lr", "min_lr", "lr_warmup_iters",
@@ -17,7 +17,7 @@ def _losses_at(train: Manifest, iteration: int) -> dict[str, Any]:
     """The last logged train loss and validation loss at or before `iteration`, with their steps
     (from metrics.jsonl)."""
     path = train.dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    records = read_metrics(path) if path.is_file() else []
     logged = [r for r in records if r["step"] <= iteration and r.get("loss") is not None]
     val = [r for r in records if r["step"] <= iteration and r.get("val_loss") is not None]
     return {"loss_step": logged[-1]["step"] if logged else None,

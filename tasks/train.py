@@ -361,7 +361,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _metrics(manifest: Manifest) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (manifest.dir / "metrics.jsonl").read_text().splitlines()]
+    from megatron_bridge.training.job import read_metrics
+
+    return read_metrics(manifest.dir / "metrics.jsonl")
 
 
 def report(manifest: Manifest) -> list[dict[str, Any]]:
