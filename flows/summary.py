@@ -128,11 +128,11 @@ def _export_next(settings: PipelineSettings, export: Manifest, manifests: dict[s
     evaluate = ["rsft", "eval", "--model", folder, "--out", f"eval-{export.key[:8]}"]
     if config:
         evaluate += ["--preset", config]
-    for o in overrides:  # the run's evaluate settings, as `rsft eval` takes them
+    for o in overrides:  # the run's evaluate settings (`rsft eval` takes the same keys)
         if o.startswith("evaluate."):
-            evaluate += ["--set", o.removeprefix("evaluate.")]
+            evaluate += ["--set", o]
     if "evaluate" in manifests and settings.evaluate.max_problems:
-        evaluate += ["--set", "max_problems=null"]
+        evaluate += ["--set", "evaluate.max_problems=null"]
         why = "score every problem"
     else:
         why = "score the exported model"
