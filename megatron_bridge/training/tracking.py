@@ -11,7 +11,9 @@ checkpoint (`start_step`) are trained — and logged — again with the same val
 purges what an earlier session wrote after `start_step` (`purge_step`: its readers drop those
 events); W&B and MLflow cannot delete points offline, so each metric skips the steps it already
 holds, read back from the tracker's own files (W&B's transaction logs, the MLflow store), not
-from a note of ours a kill could leave behind. Every step is flushed to disk as it is logged.
+from a note of ours a kill could leave behind. W&B writes through a service process that a
+kill -9 can take down before it wrote the last points, so on resume W&B and MLflow also log the
+steps up to `start_step` that they lack from the trainer's own record (`Trackers.catch_up`).
 
 Tracking never fails training: a tracker's error is printed once and that tracker is off for
 the rest of the run. A tracker that is asked for but not installed is a user error, raised
@@ -56,6 +58,14 @@ class Trackers:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for backend in list(self.backends):
             self._guard(backend, backend.log, step, scalars)
+
+    def catch_up(self, earlier: dict[int, dict[str, float]]) -> None:
+        """Log the earlier sessions' steps (`metrics.jsonl`, written before any tracker) that a
+        tracker lost to a kill; trackers that skip the steps they hold (W&B, MLflow) only."""
+        for backend in list(self.backends):
+            if backend.skips_held_steps:
+                self._guard(backend, lambda b=backend: [b.log(step, scalars) for step, scalars
+                                                        in sorted(earlier.items())])
 
     def close(self) -> None:
         for backend in list(self.backends):
@@ -109,6 +119,7 @@ def config_of(settings: TrainSettings) -> dict[str, Any]:
 
 class TensorBoard:
     name = "tensorboard"
+    skips_held_steps = False  # written synchronously: what a session logged is on disk
 
     def __init__(self, settings, folder: Path, run_name: str, start_step: int | None,
                  state: dict):
@@ -132,6 +143,7 @@ class TensorBoard:
 
 class Wandb:
     name = "wandb"
+    skips_held_steps = True
 
     def __init__(self, settings: TrainSettings, folder: Path, run_name: str,
                  start_step: int | None, state: dict):
@@ -162,6 +174,7 @@ class Wandb:
 
 class MLflow:
     name = "mlflow"
+    skips_held_steps = True
 
     def __init__(self, settings: TrainSettings, folder: Path, run_name: str,
                  start_step: int | None, state: dict):

@@ -173,10 +173,11 @@ class MetricsLog:
     def __init__(self, path: Path, total: int, resumed_at: int):
         self.total = total
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if not resumed_at < json.loads(line)["step"] <= total]
-            path.write_text("".join(line + "\n" for line in kept))
+        kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        kept = [r for r in kept if not resumed_at < r["step"] <= total]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # What the earlier sessions trained up to the checkpoint, for trackers that lost some.
+        self.earlier = {r["step"]: r for r in kept if r["step"] <= resumed_at}
         self.file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -250,6 +251,7 @@ def run(job: TrainJob) -> None:
             if t.report_to:
                 trackers = open_trackers(t, job.run_folder, t.tracking.run_name
                                          or f"rsft-{job.run_folder.name}", start)
+                trackers.catch_up({s: scalars(r) for s, r in log.earlier.items()})
         try:
             for step in range(start, t.train_iters):
                 micro = batches.step(step)
