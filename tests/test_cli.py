@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
+from pathlib import Path
 
 import httpx
 import pytest
@@ -197,36 +198,83 @@ def test_an_open_r1_recipe_imports_to_settings_rsft_accepts(tmp_path, cli_env):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_and_the_finished_run_says_where_everything_is(tmp_path, cli_env):
-    """kill -9 `rsft run` after the train stage has saved a checkpoint: the rerun of the same key
-    continues from it (no step before it is redone) and publishes the final checkpoint. The run
-    to the end then prints its summary at 80 columns with every path whole on one line; a failed
-    run still says where things are and how to go on."""
+def test_interrupted_training_resumes_and_the_finished_run_says_where_everything_is(tmp_path,
+                                                                                  cli_env):
+    """One workdir, interrupted twice while it trains, then run to the end:
+    1. Ctrl-C (SIGINT to `rsft run`'s process group, as a terminal sends it), on Prefect's
+       ephemeral API server (which the Ctrl-C stops too): exit 130 within 10 s, one line naming
+       the step reached and the one to resume from, no process left;
+    2. the rerun resumes there; kill -9 once it saved a further checkpoint: no train artifact;
+    3. the rerun of the same key continues from that checkpoint (no step before it is redone);
+    4. the whole run prints its summary at 80 columns with every path whole on one line; a
+       failed run still says where things are and how to go on."""
+    import psutil
+
     work = tmp_path / ("a-workdir-whose-name-alone-makes-every-artifact-path-longer-than-eighty"
                        "-columns")
-    quick = ["--set", f"workdir={work}", "--set", "train.train_iters=4", "--set",
+    quick = ["--set", f"workdir={work}", "--set", "train.train_iters=6", "--set",
              "train.save_interval=1", "--set", "train.keep_last=2", "--set",
-             "train.global_batch_size=1"]
+             "train.global_batch_size=1", "--set", "evaluate.max_new_tokens=16"]
     args = ["run", *quick, "--until", "train"]
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    checkpoint = "scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"
+
+    def saved() -> int:
+        return max((int(p.read_text()) for p in work.glob(checkpoint)), default=0)
+
+    def start(env: dict[str, str], name: str) -> tuple[subprocess.Popen, Path, Path]:
+        out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with out.open("w") as o, err.open("w") as e:
+            return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path,
+                                    env=env, stdout=o, stderr=e, start_new_session=True), out, err
+
+    # 1. Ctrl-C once a checkpoint is saved and the next step ran
+    ephemeral = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
+    ephemeral["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc, out, err = start(ephemeral, "ctrl-c")
     deadline = time.time() + 600
-    trackers = []
-    while time.time() < deadline and not trackers:
-        trackers = list(work.glob("scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"))
-        assert proc.poll() is None, "rsft ended before training saved a checkpoint"
+    while not (saved() and len(_lines(work.glob("scratch/train/*/metrics.jsonl"))) >= 2):
+        assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
+        time.sleep(0.1)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert any("megatron_bridge.training" in " ".join(p.cmdline()) for p in tree)
+    seen = {f: f.stat().st_size for f in (out, err)}
+    began = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        code = proc.wait(timeout=10)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130 and time.monotonic() - began < 10
+    _, alive = psutil.wait_procs(tree, timeout=2)
+    assert not alive, [p.cmdline() for p in alive]
+    after = [line for f, size in seen.items()
+             for line in f.read_bytes()[size:].decode(errors="replace").splitlines()]
+    (line,) = [x for x in after if "| INFO" not in x]  # a step's log line may race it
+    reached = len(_lines(work.glob("scratch/train/*/metrics.jsonl")))
+    first = saved()
+    assert line == f"interrupted at step {reached}; `rsft run` resumes from step {first}"
+    assert first < 5, "training ran past the point this test needs to interrupt it again"
+
+    # 2. resumed there; kill -9 once it saved a further checkpoint
+    proc, out, err = start(cli_env, "killed")
+    while saved() <= first:
+        assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = int(trackers[0].read_text())
-    assert 1 <= saved < 4 and not list(work.glob("artifacts/train/[!.]*"))
+    assert f"training: steps {first}..6" in out.read_text() + err.read_text()
+    second = saved()
+    assert first < second < 6 and not list(work.glob("artifacts/train/[!.]*"))
+
+    # 3. the rerun continues from the last checkpoint
     rerun = rsft(*args, cwd=tmp_path, env=cli_env, check=True, timeout=900)
     assert "resuming in" in rerun.stdout + rerun.stderr
-    assert f"training: steps {saved}..4" in rerun.stdout + rerun.stderr
+    assert f"training: steps {second}..6" in rerun.stdout + rerun.stderr
     (metrics,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
-    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
+    # 4. to the end, at 80 columns
     env = {**cli_env, "COLUMNS": "80"}
     out = rsft("run", *quick, cwd=tmp_path, env=env, check=True, timeout=1200).stdout
     lines = out.splitlines()
@@ -234,13 +282,13 @@ def test_killed_training_resumes_and_the_finished_run_says_where_everything_is(t
     assert len(str(export)) > 80
     assert f"export    {export}" in lines
     last = json.loads(metrics.read_text().splitlines()[-1])
-    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 4 (from ") for ln in lines)
+    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 6 (from ") for ln in lines)
     assert any(ln.startswith("scores    math_500_local pass@k:k=1&n=2 = ") for ln in lines)
     assert any(ln.startswith("          aime24_local pass@k:k=1&n=2 = ") for ln in lines)
     nexts = lines[lines.index("next:") + 1:]
     assert nexts[0].startswith(f"  rsft eval --model {export} --out eval-")
     assert nexts[1].startswith(f"  rsft run --set workdir={work} ") and \
-        "--from export --set export.iteration=3   #" in nexts[1]
+        "--from export --set export.iteration=5   #" in nexts[1]
     assert nexts[2].startswith('  python -c "import sys; from transformers import') and \
         f'" {export}   # load it with transformers' in nexts[2]
     assert "Traceback" not in out
@@ -249,61 +297,13 @@ def test_killed_training_resumes_and_the_finished_run_says_where_everything_is(t
                   cwd=tmp_path, env=env)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr + failed.stdout
     assert [ln for ln in failed.stderr.splitlines() if ln.startswith("error:")] == [
-        "error: export: export.iteration 7: no checkpoint of that iteration (kept: 3, 4); choose "
+        "error: export: export.iteration 7: no checkpoint of that iteration (kept: 5, 6); choose "
         "one of them, or null for the final one (raise train.keep_last to keep more)"]
     lines = failed.stdout.splitlines()
     assert any(ln.startswith("run tiny-") and ln.endswith(": failed") for ln in lines), failed.stdout
-    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 4") for ln in lines)
+    assert any(ln.startswith(f"train     loss {last['loss']:.4f} at step 6") for ln in lines)
     assert f"  rsft run {' '.join(quick)} --set export.iteration=7 --only export   # after " \
            "fixing the error: built stages are reused" in lines
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_everything_at_once_and_names_where_to_resume(tmp_path, cli_env):
-    """SIGINT to `rsft run`'s process group (a terminal's Ctrl-C) while it trains, on Prefect's
-    ephemeral API server (which the Ctrl-C stops too): exit 130 within 10 s, one line naming
-    the step reached and the one to resume from, no process left; the rerun resumes there."""
-    import psutil
-
-    work = tmp_path / "work"
-    args = ["run", "--set", f"workdir={work}", "--set", "train.train_iters=6", "--set",
-            "train.save_interval=1", "--set", "train.keep_last=1", "--set",
-            "train.global_batch_size=1", "--until", "train"]
-    env = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path,
-                                env=env, stdout=o, stderr=e, start_new_session=True)
-    deadline = time.time() + 600
-    while not (list(work.glob("scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"))
-               and len(_lines(work.glob("scratch/train/*/metrics.jsonl"))) >= 2):
-        assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
-        time.sleep(0.1)
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    assert any("megatron_bridge.training" in " ".join(p.cmdline()) for p in tree)
-    seen = {f: f.stat().st_size for f in (out, err)}
-    started = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        code = proc.wait(timeout=10)
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 130 and time.monotonic() - started < 10
-    _, alive = psutil.wait_procs(tree, timeout=2)
-    assert not alive, [p.cmdline() for p in alive]
-    after = [line for f, size in seen.items()
-             for line in f.read_bytes()[size:].decode(errors="replace").splitlines()]
-    (line,) = [x for x in after if "| INFO" not in x]  # a step's log line may race it
-    reached = len(_lines(work.glob("scratch/train/*/metrics.jsonl")))
-    saved = int(next(work.glob("scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"))
-                .read_text())
-    assert line == f"interrupted at step {reached}; `rsft run` resumes from step {saved}"
-    rerun = rsft(*args, cwd=tmp_path, env=cli_env, check=True, timeout=900)
-    assert f"training: steps {saved}..6" in rerun.stdout + rerun.stderr
-    (final,) = work.glob("artifacts/train/[!.]*/metrics.jsonl")
-    assert [json.loads(x)["step"] for x in final.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
 def _lines(paths) -> list[str]:

@@ -44,10 +44,19 @@ def test_only_network_failures_and_retryable_statuses_are_transient():
 def test_unreachable_hub_during_download_is_retried_then_one_line(tmp_path, monkeypatch):
     """A closed loopback port stands in for the Hub going away after the run was planned (the
     revision is a pinned commit, so planning needs no network)."""
+    import inspect
+
     from huggingface_hub import constants
+    from huggingface_hub.utils import _http
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    # huggingface_hub retries a refused connection itself (5 times, 1-8 s apart: 23 s a try)
+    # before our retries see it: keep its retries, not its waits.
+    for backoff in (_http.http_backoff, _http.http_stream_backoff, _http._http_backoff_base):
+        defaults = inspect.unwrap(backoff).__kwdefaults__
+        monkeypatch.setitem(defaults, "base_wait_time", 0.01)
+        monkeypatch.setitem(defaults, "max_wait_time", 0.01)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     commit = "0123456789abcdef0123456789abcdef01234567"
     state, states, _ = run(tmp_path / "work", f"download.source=hf://org/model@{commit}",
