@@ -178,15 +178,16 @@ def ops(tmp_path_factory):
             _stop(proc)
 
 
-CHANGES = {"train": {"train_iters": 2, "save_interval": 2, "lr_warmup_iters": 1}}
+CHANGES = {"train": {"train_iters": 2, "save_interval": 2, "lr_warmup_iters": 1},
+           "evaluate": {"max_problems": 2, "max_new_tokens": 16}}
 
 
 def _settings(ops: Ops, train_iters: int = 2) -> str:
-    """Only what the test changes on the tiny deployment's preset — 2 training steps (the test's
-    cost; a 12-step run proves nothing more here) — as `prefect deployment run -p settings=…`
-    takes it: the run merges it onto the preset."""
-    changes = {"train": {**CHANGES["train"], "train_iters": train_iters,
-                         "save_interval": train_iters}}
+    """Only what the test changes on the tiny deployment's preset — 2 training steps and a
+    shorter evaluation (the test's cost; a 12-step run proves nothing more here) — as
+    `prefect deployment run -p settings=…` takes it: the run merges it onto the preset."""
+    changes = {**CHANGES, "train": {**CHANGES["train"], "train_iters": train_iters,
+                                    "save_interval": train_iters}}
     return "settings=" + json.dumps(changes)
 
 

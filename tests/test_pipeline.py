@@ -321,7 +321,8 @@ def test_a_tokenizer_without_chat_template_gets_chatml_and_its_tokens_grow_the_e
     del tokenizer_config["chat_template"]
     (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
 
-    state, states, _ = run_pipeline(tmp_path / "work", f"download.source={src}", until="export")
+    state, states, _ = run_pipeline(tmp_path / "work", f"download.source={src}", *TRAIN,
+                                    until="export")
     assert state.is_completed(), state.message
     m = state.result()
     changes = m["patch_tokenizer"].meta["changes"]
