@@ -71,7 +71,8 @@ def test_unpatchable_tokenizer_exits_2_without_traceback(tmp_path, cli_env, tiny
     tj = json.loads((src / "tokenizer.json").read_text())
     next(t for t in tj["added_tokens"] if t["id"] == 151650)["content"] = "<|other|>"
     (src / "tokenizer.json").write_text(json.dumps(tj))
-    proc = rsft("run", "--set", f"download.source={src}", cwd=tmp_path, env=cli_env)
+    proc = rsft("run", "--set", f"download.source={src}", "--until", "patch_tokenizer",
+                cwd=tmp_path, env=cli_env)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: patch_tokenizer: token 151650 in tokenizer.json is "

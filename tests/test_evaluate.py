@@ -136,6 +136,7 @@ def test_bad_evaluation_input_is_refused_before_lighteval_runs(case, hf_folder, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_rsft_eval_runs_lighteval_on_a_folder_and_refuses_unknown_tasks(hf_folder, tmp_path, cli_env):
     config = json.loads((hf_folder / "generation_config.json").read_text())
     del config["do_sample"]  # a folder that does not ask for sampling is still sampled
