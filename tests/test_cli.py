@@ -215,7 +215,8 @@ def test_interrupted_training_resumes_and_the_finished_run_says_where_everything
                        "-columns")
     quick = ["--set", f"workdir={work}", "--set", "train.train_iters=6", "--set",
              "train.save_interval=1", "--set", "train.keep_last=2", "--set",
-             "train.global_batch_size=1", "--set", "evaluate.max_new_tokens=16"]
+             "train.global_batch_size=1", "--set", "evaluate.max_new_tokens=16", "--set",
+             "convert.verify=false", "--set", "export.verify=false"]
     args = ["run", *quick, "--until", "train"]
     checkpoint = "scratch/train/*/checkpoints/latest_checkpointed_iteration.txt"
 

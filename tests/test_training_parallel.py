@@ -127,7 +127,7 @@ def test_two_processes_match_one(one_process, tmp_path, layout):
                          ids=["plain", "distributed-optimizer"])
 def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path,  # noqa: F811
                                                       nproc, distributed):
-    base = dict(train_iters=6, save_interval=2, keep_last=1, attention_dropout=0.1,
+    base = dict(train_iters=4, save_interval=2, keep_last=1, attention_dropout=0.1,
                 use_distributed_optimizer=distributed, nproc_per_node=nproc)
     train(job(converted, data, tmp_path / "straight", **base))
     killed = job(converted, data, tmp_path / "killed", **base)
@@ -143,9 +143,9 @@ def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path,
     proc.communicate()
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not [r for r in alive if _alive(r)], "a rank outlived its torchrun agent"
-    assert (tmp_path / "killed" / "latest_checkpointed_iteration.txt").read_text() in ("2", "4")
+    assert (tmp_path / "killed" / "latest_checkpointed_iteration.txt").read_text() == "2"
     train(killed)  # resumes
     a = exported(tmp_path / "straight", tmp_path / "a")
     b = exported(tmp_path / "killed", tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["step"] for m in metrics(killed)] == list(range(1, 7))  # redone steps logged once
+    assert [m["step"] for m in metrics(killed)] == list(range(1, 5))  # redone steps logged once
