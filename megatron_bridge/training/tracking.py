@@ -62,10 +62,8 @@ class Trackers:
     def catch_up(self, earlier: dict[int, dict[str, float]]) -> None:
         """Log the earlier sessions' steps (`metrics.jsonl`, written before any tracker) that a
         tracker lost to a kill; trackers that skip the steps they hold (W&B, MLflow) only."""
-        for backend in list(self.backends):
-            if backend.skips_held_steps:
-                self._guard(backend, lambda b=backend: [b.log(step, scalars) for step, scalars
-                                                        in sorted(earlier.items())])
+        for backend in [b for b in self.backends if b.skips_held_steps]:
+            self._guard(backend, _replay, backend, earlier)
 
     def close(self) -> None:
         for backend in list(self.backends):
@@ -78,6 +76,11 @@ class Trackers:
         except Exception as e:  # never fail training for its tracking
             self.backends.remove(backend)
             _warn(backend.name, e)
+
+
+def _replay(backend, steps: dict[int, dict[str, float]]) -> None:
+    for step, scalars in sorted(steps.items()):
+        backend.log(step, scalars)
 
 
 def _warn(name: str, error: BaseException) -> None:

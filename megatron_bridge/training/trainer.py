@@ -23,7 +23,7 @@ from megatron_bridge.data.indexed import SFTDataset
 from megatron_bridge.parallel import model_parallel
 from megatron_bridge.training import state
 from megatron_bridge.training.batches import Batches, Validation
-from megatron_bridge.training.job import TrainJob, packed_sequences
+from megatron_bridge.training.job import TrainJob, packed_sequences, read_metrics
 from megatron_bridge.training.schedule import learning_rate
 from megatron_bridge.training.step import Stepper, device
 from megatron_bridge.training.tracking import open_trackers
@@ -173,8 +173,8 @@ class MetricsLog:
     def __init__(self, path: Path, total: int, resumed_at: int):
         self.total = total
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        kept = [r for r in kept if not resumed_at < r["step"] <= total]
+        kept = [r for r in (read_metrics(path) if path.is_file() else [])
+                if not resumed_at < r["step"] <= total]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         # What the earlier sessions trained up to the checkpoint, for trackers that lost some.
         self.earlier = {r["step"]: r for r in kept if r["step"] <= resumed_at}
