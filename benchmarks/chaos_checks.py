@@ -119,9 +119,17 @@ def descendants(pid: int) -> list:
         return []
 
 
-def stage_processes(pid: int) -> list:
-    """The flow's descendants that are stage work (everything but Prefect's API server)."""
-    return [p for p in descendants(pid) if SERVER_MARK not in cmdline(p)]
+def stage_children(pid: int) -> list:
+    """The flow's own children that run a stage's program (not Prefect's API server). A child
+    forked but not yet exec'd still shows the flow's command line: it is not the stage's
+    program yet, and killing it would test something else."""
+    psutil = _psutil()
+    try:
+        flow = psutil.Process(pid)
+        own, children = cmdline(flow), flow.children()
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if cmdline(p) not in (own, "?") and SERVER_MARK not in cmdline(p)]
 
 
 def survivors(snapshot: Iterable, workdir: Path) -> tuple[list, list]:

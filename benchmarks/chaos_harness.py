@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.chaos_checks import (SERVER_MARK, cmdline, compare, descendants, kill_all, killpg,
-                                     stage_processes, survivors, verify_all)
+                                     stage_children, survivors, verify_all)
 from tasks import STAGE_NAMES
 from tasks.artifacts import MANIFEST, ArtifactStore, Manifest
 
@@ -285,7 +285,7 @@ class Harness:
                     return r
                 time.sleep(0.02)
             if wait_child:
-                while not stage_processes(proc.pid) and time.monotonic() < deadline:
+                while not stage_children(proc.pid) and time.monotonic() < deadline:
                     if store.check(stage, key)[0] is not None or proc.poll() is not None:
                         break
                     time.sleep(0.02)
@@ -299,7 +299,7 @@ class Harness:
                 killpg(proc.pid)
                 r.target = "flow group"
             else:
-                ours = [p for p in stage_processes(proc.pid) if p.ppid() == proc.pid]
+                ours = stage_children(proc.pid)
                 if ours:
                     r.target = f"stage child ({_short(cmdline(ours[0]))})"
                     ours[0].kill()

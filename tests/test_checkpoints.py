@@ -1,6 +1,6 @@
 """Every checkpoint evaluated: the training run's lineage (a longer run continues a shorter one,
-bit-exactly), the per-checkpoint export/evaluate plan keyed by lineage and iteration, and the
-whole pipeline with `evaluate.checkpoints: all` extended from 4 to 6 steps."""
+bit-exactly) and the per-checkpoint export/evaluate plan keyed by lineage and iteration. (The
+whole pipeline with `evaluate.checkpoints: all`, extended from 4 to 6 steps: test_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import json
 
 import pytest
 import torch
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from settings import load_settings
 from settings.errors import UserError
-from tests.conftest import exported, job, metrics, run_key_prefix, run_pipeline
+from tests.conftest import exported, job, metrics
 
 
 # -- the trainer: one folder, runs of several lengths ------------------------------------------------
@@ -120,99 +118,6 @@ def test_a_checkpoint_the_run_does_not_save_is_refused_at_plan_time(sets, messag
     with pytest.raises(UserError) as e:
         plan(*sets)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
-
-
-# -- the whole pipeline, extended ----------------------------------------------------------------
-EVAL = ["evaluate.checkpoints=all", "train.train_iters=4", "train.save_interval=2",
-        "train.lr_warmup_iters=1", "train.global_batch_size=1", "convert.verify=false",
-        "export.verify=false", "evaluate.tasks=[{name: math_500_local, samples: 1}]",
-        "evaluate.max_problems=1", "evaluate.max_new_tokens=4", "evaluate.evaluate_base=true"]
-
-
-@pytest.fixture(scope="module")
-def extended(tmp_path_factory, prefect_api):
-    """One workdir: the tiny preset with every checkpoint evaluated (4 steps, saved every 2),
-    then the same run extended to 6 steps (the tests below only read it)."""
-    work = tmp_path_factory.mktemp("checkpoints")
-    first = run_pipeline(work, *EVAL, until=None)
-    (base_done,) = work.glob("scratch/evaluate/base-*/done")
-    stamp = base_done.stat().st_mtime_ns
-    second = run_pipeline(work, *EVAL, "train.train_iters=6", "export.push.repo=someone/tiny",
-                          "export.push.revision=v1", "export.push.dry_run=true", until=None)
-    assert base_done.stat().st_mtime_ns == stamp  # the base model was not evaluated again
-    return work, first, second
-
-
-def pipeline(test):
-    """A test of the `extended` workdir: on one process (pytest-xdist), so it is built once."""
-    return pytest.mark.xdist_group("extended")(pytest.mark.usefixtures("prefect_api")(test))
-
-
-@pytest.mark.slow
-@pipeline
-def test_every_saved_checkpoint_is_exported_and_scored(extended):
-    work, (state, states, artifacts), _ = extended
-    assert state.is_completed(), state.message
-    assert {k: v for k, v in states.items() if k.startswith(("export", "evaluate", "scores"))} == {
-        "export@2": "Completed", "export": "Completed", "evaluate@2": "Completed",
-        "evaluate": "Completed", "scores": "Completed"}
-    m = state.result()
-    assert [m[n].meta["iteration"] for n in ("export@2", "export", "evaluate@2", "evaluate")] == [2, 4, 2, 4]
-    assert m["scores"].meta["iterations"] == [2, 4]
-    assert (m["scores"].dir / "scores.png").stat().st_size > 1000
-    rows = json.loads((m["scores"].dir / "scores.json").read_text())
-    assert {(r["iteration"], r["task"]) for r in rows} == {(2, "math_500_local"), (4, "math_500_local")}
-    assert {"export-step2-summary", "evaluate-step2-report", "scores-report", "scores-summary",
-            "evaluate-report"} <= artifacts
-    # every checkpoint is scored against the base model, whose scores are computed once
-    assert len(list(work.glob("scratch/evaluate/base-*/done"))) == 1
-    for name in ("evaluate@2", "evaluate"):
-        rows = json.loads((m[name].dir / "scores.json").read_text())
-        assert rows and all(r["base"] is not None and r["delta"] == r["value"] - r["base"]
-                            for r in rows)
-    card = (m["export@2"].dir / "README.md").read_text()
-    assert "Checkpoint of iteration 2" in card and f"train: `{m['train'].meta['lineage']}@2`" in card
-
-
-@pytest.mark.slow
-@pipeline
-def test_a_longer_run_trains_on_and_evaluates_only_its_new_checkpoints(extended, tmp_path):
-    work, (first, _, _), (state, states, _) = extended
-    assert state.is_completed(), state.message
-    assert states["train"] == "Completed"
-    assert {k: v for k, v in states.items() if k.startswith(("export", "evaluate", "scores"))} == {
-        "export@2": "Cached", "export@4": "Cached", "export": "Completed",
-        "evaluate@2": "Cached", "evaluate@4": "Cached", "evaluate": "Completed",
-        "scores": "Completed"}
-    m, before = state.result(), first.result()
-    assert m["evaluate@4"].key == before["evaluate"].key
-    assert m["train"].meta["lineage"] == before["train"].meta["lineage"]
-    log = (m["train"].dir / "train.log").read_text()
-    assert "training: steps 4..6" in log  # resumed the 4-step run's last checkpoint
-    assert [json.loads(x)["step"] for x in (m["train"].dir / "metrics.jsonl").read_text().splitlines()] \
-        == list(range(1, 7))
-    assert m["scores"].meta["iterations"] == [2, 4, 6]
-    # each checkpoint's export is pushed (dry run) to its own branch
-    assert {k: v for k, v in states.items() if k.startswith("push")} == {
-        "push@2": "Completed", "push@4": "Completed", "push": "Completed"}
-    with get_client(sync_client=True) as client:
-        prefix = run_key_prefix(client.read_flow_run(state.state_details.flow_run_id).name)
-        pushed = {a.key.removeprefix(prefix): a.description for a in client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            if a.key and "push" in a.key}
-    assert pushed == {"push-step2-files": "not pushed to someone/tiny@v1-step2",
-                      "push-step4-files": "not pushed to someone/tiny@v1-step4",
-                      "push-files": "not pushed to someone/tiny@v1"}
-
-
-@pytest.mark.slow
-@pipeline
-def test_a_list_with_an_unsaved_iteration_fails_before_anything_runs(extended):
-    work = extended[0]
-    state, states, _ = run_pipeline(work, *EVAL, "evaluate.checkpoints=[2, 3]", until=None)
-    assert state.is_failed() and states == {}
-    assert state.message == ("evaluate.checkpoints: iteration 3 is not saved by this run; it saves "
-                             "2, 4 (every train.save_interval=2 steps and the last)")
 
 
 # -- train.epochs: resolved from the tokenize artifact's packed train rows -------------------------
