@@ -1,94 +1,25 @@
-"""Experiment tracking of training runs, read back with each tracker's own reader: TensorBoard's
-event files (`EventAccumulator`), a W&B offline run (its transaction log), an MLflow file store
-(`MlflowClient.get_metric_history`) — every step once, validation points at the interval, the
-values of metrics.jsonl — also across a kill -9 and a rerun that resumes."""
+"""Experiment tracking of training runs, read back with each tracker's own reader
+(tests/trackers.py): every step once, validation points at the interval, the values of
+metrics.jsonl — also when a run is reopened after a kill. (A real kill -9 and the rerun that
+resumes: tests/test_training_parallel.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from megatron_bridge.training import tracking
 from settings.errors import UserError
-from tests.conftest import ROOT, job, metrics
-
-TRAIN = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-         "train/supervised_tokens", "train/memory_gb")
-VAL = ("val/loss", "val/tokens")
+from tests.conftest import job, metrics
+from tests.trackers import (OFFLINE, READERS, TRAIN, VAL, assert_same, expected_series,
+                            wandb_id)
 
 
 @pytest.fixture
 def offline(monkeypatch):
-    """W&B without network or account; MLflow's file store allowed in this process too."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-
-
-def tensorboard_series(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"]}
-
-
-def wandb_id(folder: Path) -> str:
-    return json.loads((folder / "tracking.json").read_text())["wandb"]["id"]
-
-
-def wandb_series(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in tracking.wandb_history(folder / "wandb", wandb_id(folder)):
-        for key, value in row.items():
-            if not key.startswith("_") and key != "step":
-                series.setdefault(key, []).append((row["step"], value))
-    # The W&B app draws by the step metric; a step lost to a kill comes back later in the log.
-    return {key: sorted(points) for key, points in series.items()}
-
-
-def mlflow_series(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from mlflow.tracking import MlflowClient
-
-    state = json.loads((folder / "tracking.json").read_text())["mlflow"]
-    client = MlflowClient(tracking_uri=state["tracking_uri"])
-    run = client.get_run(state["run_id"])
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
-
-
-READERS = {"tensorboard": tensorboard_series, "wandb": wandb_series, "mlflow": mlflow_series}
-
-
-def expected_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    from megatron_bridge.training.trainer import TRACKED
-
-    return {name: [(r["step"], r[key]) for r in records if key in r]
-            for key, name in TRACKED.items() if any(key in r for r in records)}
-
-
-TIMINGS = ("train/tokens_per_s", "train/memory_gb")
-"""Measured, not computed: a step trained again after a kill keeps its first timing in the
-trackers that skip steps they hold, and has the new one in metrics.jsonl."""
-
-
-def assert_same(got: dict, want: dict, tracker: str, timings: bool = True) -> None:
-    assert set(got) == set(want), (tracker, sorted(got), sorted(want))
-    for key, points in want.items():
-        assert [s for s, _ in got[key]] == [s for s, _ in points], (tracker, key, got[key])
-        if key in TIMINGS and not timings:
-            continue
-        # TensorBoard keeps float32 (1e-7 relative); tokens/s, memory: the rounded record
-        assert [v for _, v in got[key]] == pytest.approx([v for _, v in points], rel=1e-6), \
-            (tracker, key)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
 
 
 def test_every_tracker_holds_each_step_once_and_validation_at_the_interval(
@@ -110,60 +41,6 @@ def test_every_tracker_holds_each_step_once_and_validation_at_the_interval(
     (session,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     assert session.name.endswith(json.loads((tmp_path / "run" / "tracking.json").read_text())
                                  ["wandb"]["id"])
-
-
-def launch(j) -> subprocess.Popen:
-    path = j.run_folder / "job.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    j.write(path)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tests.train_ranks", str(path)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-@pytest.mark.slow
-def test_kill_9_and_rerun_leaves_no_duplicate_or_missing_step(converted, held_out, tmp_path,
-                                                             offline):
-    folder = tmp_path / "run"
-    j = job(converted, held_out, folder / "checkpoints", metrics=str(folder / "metrics.jsonl"),
-            train_iters=6, save_interval=3, keep_last=1, eval_interval=2,
-            report_to=["tensorboard", "wandb", "mlflow"])
-    proc = launch(j)
-    deadline = time.time() + 600
-    # Kill once step 5 is in metrics.jsonl: the trackers hold step 4 (logged before step 5
-    # ran), the last checkpoint is 3, so the rerun trains and logs steps 4.. again.
-    while not (j.metrics_path.is_file() and len(j.metrics_path.read_text().splitlines()) >= 5):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # W&B's service process is in the group: it dies too
-    proc.communicate()
-    assert (folder / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
-    # What the rerun has to avoid duplicating: TensorBoard and MLflow are on disk as each step
-    # is logged; W&B's service process writes asynchronously and may die before step 4 is in.
-    for name in ("tensorboard", "mlflow"):
-        series = READERS[name](folder)["train/loss"]
-        assert max(s for s, _ in series) >= 4, (name, series)
-
-    proc = launch(j)  # resumes from step 3
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    assert "tracking:" not in out, out[-3000:]  # no tracker failed
-    want = expected_series(metrics(j))
-    assert [s for s, _ in want["train/loss"]] == list(range(1, 7))
-    assert [s for s, _ in want["val/loss"]] == [2, 4, 6]
-    for name, read in READERS.items():
-        assert_same(read(folder), want, name, timings=False)
-    # One tracking run per tracker, continued: the same W&B id in two sessions, one MLflow run.
-    assert len(list((folder / "wandb").glob("offline-run-*"))) == 2
-    assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 2
-    from mlflow.tracking import MlflowClient
-
-    state = json.loads((folder / "tracking.json").read_text())["mlflow"]
-    client = MlflowClient(tracking_uri=state["tracking_uri"])
-    (experiment,) = [e for e in client.search_experiments() if e.name == "reasoning-sft"]
-    (only,) = client.search_runs([experiment.experiment_id])
-    assert only.info.run_id == state["run_id"] and only.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("lost", [False, True], ids=["kept", "wandb-lost-its-points"])

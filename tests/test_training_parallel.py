@@ -1,7 +1,7 @@
 """The one training step under torchrun (gloo, 2 processes): every layout megatron-core offers
 equals one process (training and validation loss), the distributed optimizer's weights include
 the last update, and a kill -9 mid-run resumes bit-identically (plain and distributed optimizer,
-with attention dropout)."""
+with attention dropout), each step logged once in metrics.jsonl and every tracker."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from megatron_bridge import compat
 from megatron_bridge.training.job import TrainJob
 from settings.models import TrainSettings
 from tests.conftest import ROOT, exported, job, metrics, tiny_hf
+from tests.trackers import (OFFLINE, READERS, assert_one_continued_run, assert_same,
+                            expected_series)
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +31,7 @@ def launch(j: TrainJob) -> subprocess.Popen:
     """The job's `train.nproc_per_node` processes under torchrun (one: a plain process)."""
     nproc = j.train.nproc_per_node
     path = Path(j.save).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     j.write(path)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     runner = ["-m", "tests.train_ranks", str(path)]
@@ -38,7 +41,8 @@ def launch(j: TrainJob) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def train(j: TrainJob) -> list[dict]:
+def train(j: TrainJob) -> str:
+    """Runs the job to the end; its output."""
     proc = launch(j)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
@@ -46,7 +50,7 @@ def train(j: TrainJob) -> list[dict]:
     for rank in range(j.train.nproc_per_node):
         sites = json.loads(Path(f"{path}.shims.rank{rank}.json").read_text())
         assert set(sites) <= set(compat.KNOWN_CALL_SITES), sites
-    return metrics(j)
+    return out
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -102,7 +106,8 @@ def test_two_processes_match_one(one_process, tmp_path, layout):
     two = reference.model_copy(update={
         "save": str(tmp_path / "two"), "metrics": "",
         "train": TrainSettings(**{**reference.train.model_dump(), "nproc_per_node": 2, **changes})})
-    got = train(two)
+    train(two)
+    got = metrics(two)
     assert len(got) == len(expected) == 4
     for a, b in zip(expected, got):
         # The global batch's tokens, counted once whatever the layout.
@@ -125,27 +130,49 @@ def test_two_processes_match_one(one_process, tmp_path, layout):
 
 @pytest.mark.parametrize("nproc, distributed", [(1, False), (2, True)],
                          ids=["plain", "distributed-optimizer"])
-def test_kill_9_and_rerun_gives_bit_identical_weights(converted, data, tmp_path,  # noqa: F811
-                                                      nproc, distributed):
-    base = dict(train_iters=4, save_interval=2, keep_last=1, attention_dropout=0.1,
-                use_distributed_optimizer=distributed, nproc_per_node=nproc)
-    train(job(converted, data, tmp_path / "straight", **base))
-    killed = job(converted, data, tmp_path / "killed", **base)
+def test_kill_9_and_rerun_gives_bit_identical_weights_and_each_step_once(
+        converted, held_out, tmp_path, monkeypatch, nproc, distributed):  # noqa: F811
+    """Killed after step 5 (the last checkpoint is 3), the rerun resumes from 3: its weights
+    equal an uninterrupted run's bit for bit (attention dropout included), and metrics.jsonl
+    and every tracker hold each step once, in one tracking run."""
+    base = dict(train_iters=6, save_interval=3, keep_last=1, eval_interval=2,
+                attention_dropout=0.1, use_distributed_optimizer=distributed,
+                nproc_per_node=nproc)
+    for key, value in OFFLINE.items():  # the trainers' environment and this reader's
+        monkeypatch.setenv(key, value)
+    train(job(converted, held_out, tmp_path / "straight", **base))
+    folder = tmp_path / "killed"
+    killed = job(converted, held_out, folder / "checkpoints", metrics=str(folder / "metrics.jsonl"),
+                 report_to=["tensorboard", "wandb", "mlflow"], **base)
     proc = launch(killed)
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill once step 3 is logged (a checkpoint at 2 exists)
-        if killed.metrics_path.is_file() and len(killed.metrics_path.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    # Kill once step 5 is in metrics.jsonl: the trackers hold step 4 (logged before step 5
+    # ran), the last checkpoint is 3, so the rerun trains and logs steps 4.. again.
+    while not (killed.metrics_path.is_file()
+               and len(killed.metrics_path.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
     ranks = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: torchrun's ranks die with it
+    # The launcher's group: torchrun's ranks and W&B's service process die with it.
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not [r for r in alive if _alive(r)], "a rank outlived its torchrun agent"
-    assert (tmp_path / "killed" / "latest_checkpointed_iteration.txt").read_text() == "2"
-    train(killed)  # resumes
+    assert (folder / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3"
+    # What the rerun has to avoid duplicating: TensorBoard and MLflow are on disk as each step
+    # is logged; W&B's service process writes asynchronously and may die before step 4 is in.
+    for name in ("tensorboard", "mlflow"):
+        series = READERS[name](folder)["train/loss"]
+        assert max(s for s, _ in series) >= 4, (name, series)
+
+    out = train(killed)  # resumes from step 3
+    assert "tracking:" not in out, out[-3000:]  # no tracker failed
     a = exported(tmp_path / "straight", tmp_path / "a")
-    b = exported(tmp_path / "killed", tmp_path / "b")
+    b = exported(folder / "checkpoints", tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["step"] for m in metrics(killed)] == list(range(1, 5))  # redone steps logged once
+    want = expected_series(metrics(killed))
+    assert [s for s, _ in want["train/loss"]] == list(range(1, 7))  # redone steps logged once
+    assert [s for s, _ in want["val/loss"]] == [2, 4, 6]
+    for name, read in READERS.items():
+        assert_same(read(folder), want, name, timings=False)
+    assert_one_continued_run(folder, sessions=2)
