@@ -52,11 +52,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """One real (temporary) Prefect API server for all in-process flow runs of the session."""
-    from prefect.testing.utilities import prefect_test_harness
+def cli_env(tmp_path_factory):
+    """Environment for `rsft` subprocesses: their own Prefect home and one real `prefect server`
+    per test process, shared by all of them (each `rsft run` would otherwise start an ephemeral
+    API, ~10 s) and by the in-process flow runs (`prefect_api`)."""
+    from benchmarks.chaos_harness import killpg, start_prefect_server
 
-    with prefect_test_harness(server_startup_timeout=180):
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    server, env["PREFECT_API_URL"] = start_prefect_server(env, home / "server.log")
+    yield env
+    killpg(server.pid)
+    server.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(cli_env):
+    """The session's Prefect API server for the flow runs made in this process (as
+    `prefect_test_harness` does, with the server the `rsft` subprocesses use)."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: cli_env["PREFECT_API_URL"]}), \
+            _temporary_global_settings_context(get_settings_context()):
         yield
 
 
@@ -112,21 +131,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-qwen2")
     build_builtin("tiny-qwen2", out)
     return out
-
-
-@pytest.fixture(scope="session")
-def cli_env(tmp_path_factory):
-    """Environment for `rsft` subprocesses: their own Prefect home and one real `prefect server`
-    shared by all of them (each `rsft run` would otherwise start an ephemeral API, ~10 s)."""
-    from benchmarks.chaos_harness import killpg, start_prefect_server
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop("PREFECT_API_URL", None)
-    server, env["PREFECT_API_URL"] = start_prefect_server(env, home / "server.log")
-    yield env
-    killpg(server.pid)
-    server.wait()
 
 
 def rsft(*args: str, cwd: Path, env: dict[str, str], timeout: int = 300,

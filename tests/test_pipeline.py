@@ -501,7 +501,8 @@ def test_convert_rejects_a_layout_the_model_cannot_take(tmp_path):
     assert "tensor_parallel=3 must divide the 4 attention heads and 2 KV groups" in state.message
 
 
-TRAIN = ["convert.verify=false", "dataset.test_split=0", "train.eval_interval=0"]
+TRAIN = ["convert.verify=false", "dataset.test_split=0", "train.eval_interval=0",
+         "train.global_batch_size=1"]
 
 
 @pytest.mark.slow
@@ -533,14 +534,14 @@ def test_from_train_retrains_afresh_keeping_the_old_run_and_a_plain_rerun_reuses
 def test_epochs_train_the_steps_the_tokenized_rows_give(tmp_path):
     from tasks.train import epoch_steps
 
-    sets = [*TRAIN, "train.train_iters=null", "train.epochs=0.1", "train.lr_warmup_iters=0"]
+    sets = [*TRAIN, "train.train_iters=null", "train.epochs=0.05", "train.lr_warmup_iters=0"]
     state, states, _ = run_pipeline(tmp_path, *sets, until="train")  # planned after tokenize
     assert state.is_completed(), state.message
     assert states["tokenize"] == "Completed" and states["train"] == "Completed"
     m = state.result()
     rows = json.loads((m["tokenize"].dir / "stats.json").read_text())["splits"]["train"]["rows"]
     steps = epoch_steps(_settings(tmp_path, sets).train, m["tokenize"].dir)
-    # 0.1 × rows ÷ global_batch_size 2, rounded up
+    # 0.05 × rows ÷ global_batch_size 1, rounded up
     assert steps == max(1, -(-rows // 20)) and m["train"].meta["iterations"] == steps
     _, states, _ = run_pipeline(tmp_path, *sets, until="train")  # resolved at plan time now
     assert states["train"] == "Cached"
