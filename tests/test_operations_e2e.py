@@ -85,6 +85,21 @@ class Ops:
         assert state.is_completed(), f"flow run {run_id}: {state.name} {state.message}\n" \
                                      f"{self.tail('worker')}"
 
+    def wait_for_stage(self, run_id: UUID, stage: str, timeout: float) -> None:
+        """Until the flow run's `stage` task run has started."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while not any(t.name == stage and t.state and t.state.name != "Pending"
+                          for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
+                              id=FlowRunFilterId(any_=[run_id])))):
+                state = client.read_flow_run(run_id).state
+                assert not (state and state.is_final()), f"flow run {run_id} ended: {state.name}" \
+                                                         f" {state.message}\n{self.tail('worker')}"
+                assert time.monotonic() < deadline, f"{stage} never started\n{self.tail('worker')}"
+                time.sleep(1)
+
     def stage_runs(self, run_id: UUID) -> list[tuple[str, str]]:
         """(stage, state name) of every stage task run in the flow run and its subflow runs."""
         from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId,
@@ -180,22 +195,61 @@ def ops(tmp_path_factory):
             _stop(proc)
 
 
-CHANGES = {"train": {"train_iters": 2, "save_interval": 2, "lr_warmup_iters": 1},
+LIVE_ITERS = 4
+"""The first run's steps, watched in the browser while it trains: steps 1-3 show progress short
+of the total for ~20 s, several of the UI's 5 s refreshes; step 4 validates."""
+CHANGES = {"train": {"train_iters": LIVE_ITERS, "save_interval": LIVE_ITERS, "lr_warmup_iters": 1},
            "evaluate": {"max_problems": 2, "max_new_tokens": 16}}
+SETTINGS = "settings=" + json.dumps(CHANGES)
+"""Only what the test changes on the tiny deployment's preset — 4 training steps and a shorter
+evaluation (the test's cost; a 12-step run proves nothing more here) — as `prefect deployment
+run -p settings=…` takes it: the run merges it onto the preset."""
 
 
-def _settings(ops: Ops, train_iters: int = 2) -> str:
-    """Only what the test changes on the tiny deployment's preset — 2 training steps and a
-    shorter evaluation (the test's cost; a 12-step run proves nothing more here) — as
-    `prefect deployment run -p settings=…` takes it: the run merges it onto the preset."""
-    changes = {**CHANGES, "train": {**CHANGES["train"], "train_iters": train_iters,
-                                    "save_interval": train_iters}}
-    return "settings=" + json.dumps(changes)
+@dataclass
+class Browser:
+    """Headless Chromium on the flow-run pages (None where playwright or Chromium is missing),
+    and where its screenshots go."""
+    page: object
+    shots: dict[str, Path]
+    skip: str = ""
 
 
 @pytest.fixture(scope="module")
-def first_run(ops: Ops) -> UUID:
-    run_id = ops.run_deployment("sft-pipeline/tiny", _settings(ops))
+def browser(ops: Ops):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        yield Browser(None, {}, "playwright is not installed (the `dev` extra has it: "
+                                "pip install -e '.[dev]')")
+        return
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        yield Browser(None, {}, "no Chromium executable (Debian: apt-get install -y chromium)")
+        return
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    shots = {name: ARTIFACTS_DIR / f"operations-e2e-{name}.png"
+             for name in ("flow-run", "task-runs", "artifacts", "training-progress",
+                          "training-live-table", "loss-chart")}
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(ops.logs.parent / "chromium-profile"), executable_path=chromium, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1600, "height": 1400})
+        try:
+            yield Browser(context.new_page(), shots)
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def first_run(ops: Ops, browser: Browser) -> UUID:
+    """The deployment run of every stage; its training is watched on the flow-run page while
+    it runs (where a browser is available)."""
+    run_id = ops.run_deployment("sft-pipeline/tiny", SETTINGS)
+    if browser.page is not None:
+        ops.wait_for_stage(run_id, "train", timeout=10 * 60)
+        _watch_training(browser.page, f"{ops.api.removesuffix('/api')}/runs/flow-run/{run_id}",
+                        browser.shots)
     ops.wait(run_id, timeout=15 * 60)
     return run_id
 
@@ -224,14 +278,14 @@ def test_deployment_run_builds_every_stage_through_the_worker(ops, first_run):
 
 
 def test_second_deployment_run_is_all_cached(ops, first_run):
-    run_id = ops.run_deployment("sft-pipeline/tiny", _settings(ops))
+    run_id = ops.run_deployment("sft-pipeline/tiny", SETTINGS)
     ops.wait(run_id, timeout=5 * 60)
     assert ops.stage_runs(run_id) == sorted((s, "Cached") for s in STAGES)
 
 
 def test_rerun_stage_deployment_rebuilds_only_that_stage(ops, first_run):
     # a non-default stage (the deployment's default is evaluate), so the parameter must arrive
-    run_id = ops.run_deployment("rerun-stage/tiny", _settings(ops), "stage=export")
+    run_id = ops.run_deployment("rerun-stage/tiny", SETTINGS, "stage=export")
     ops.wait(run_id, timeout=8 * 60)
     assert ops.stage_runs(run_id) == [("export", "Completed")]
 
@@ -276,73 +330,49 @@ def _completed_green(png: bytes) -> int:
     return int(((g > 120) & (g > r + 60) & (g > b + 30)).sum())
 
 
-def test_flow_run_page_in_headless_chromium(ops, first_run, capsys):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (the `dev` extra has it: pip install -e '.[dev]')")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("no Chromium executable (Debian: apt-get install -y chromium)")
-    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
-    shots = {name: ARTIFACTS_DIR / f"operations-e2e-{name}.png"
-             for name in ("flow-run", "task-runs", "artifacts", "training-progress",
-                          "training-live-table", "loss-chart")}
-    url = f"{ops.api.removesuffix('/api')}/runs/flow-run/{first_run}"
-    profile = ops.logs.parent / "chromium-profile"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 1400})
-        try:
-            page = browser.new_page()
-            page.goto(url, wait_until="networkidle")
-            # the run graph is a WebGL canvas: wait until its task bars are drawn
-            deadline = time.monotonic() + 90
-            while True:
-                canvas = page.locator("canvas")
-                if canvas.count() and _completed_green(canvas.first.screenshot()) > 2000:
-                    break
-                assert time.monotonic() < deadline, "the flow-run graph never rendered"
-                time.sleep(1)
-            header = page.inner_text("body")
-            assert "Completed" in header and "8 Task runs" in header, header[:2000]
-            page.screenshot(path=shots["flow-run"], full_page=True)
+def test_flow_run_page_in_headless_chromium(ops, browser, first_run, capsys):
+    """The first run's page: its training was watched live (`first_run`); once done, the run
+    graph, the task runs, the artifacts and the loss chart."""
+    if browser.page is None:
+        pytest.skip(browser.skip)
+    page, shots = browser.page, browser.shots
+    assert shots["training-progress"].is_file() and shots["training-live-table"].is_file()
+    page.goto(f"{ops.api.removesuffix('/api')}/runs/flow-run/{first_run}",
+              wait_until="networkidle")
+    # the run graph is a WebGL canvas: wait until its task bars are drawn
+    deadline = time.monotonic() + 90
+    while True:
+        canvas = page.locator("canvas")
+        if canvas.count() and _completed_green(canvas.first.screenshot()) > 2000:
+            break
+        assert time.monotonic() < deadline, "the flow-run graph never rendered"
+        time.sleep(1)
+    header = page.inner_text("body")
+    assert "Completed" in header and "8 Task runs" in header, header[:2000]
+    page.screenshot(path=shots["flow-run"], full_page=True)
 
-            page.locator("li.p-tab", has_text="Task Runs").click()
-            deadline = time.monotonic() + 60
-            while not all(re.search(rf"^{s}$", page.inner_text("body"), re.M) for s in STAGES):
-                assert time.monotonic() < deadline, page.inner_text("body")[-3000:]
-                time.sleep(1)
-            assert "(8 Completed)" in page.inner_text("body")
-            page.screenshot(path=shots["task-runs"], full_page=True)
+    page.locator("li.p-tab", has_text="Task Runs").click()
+    deadline = time.monotonic() + 60
+    while not all(re.search(rf"^{s}$", page.inner_text("body"), re.M) for s in STAGES):
+        assert time.monotonic() < deadline, page.inner_text("body")[-3000:]
+        time.sleep(1)
+    assert "(8 Completed)" in page.inner_text("body")
+    page.screenshot(path=shots["task-runs"], full_page=True)
 
-            page.locator("li.p-tab", has_text="Artifacts").click()
-            wanted = {"sft-pipeline-stages", "train-report", "train-summary", "train-progress",
-                      "train-live", "export-report",
-                      "evaluate-report", "evaluate-summary", "tokenize-report", "convert-report"}
-            deadline = time.monotonic() + 60
-            while missing := {k for k in wanted if k not in page.inner_text("body")}:
-                assert time.monotonic() < deadline, f"artifacts not listed: {missing}"
-                time.sleep(1)
-            page.screenshot(path=shots["artifacts"], full_page=True)
-
-            # a longer training (only `train` is not cached), watched while it runs
-            live_run = ops.run_deployment("sft-pipeline/tiny", _settings(ops, LIVE_ITERS),
-                                          "until=train")
-            _watch_training(page, f"{ops.api.removesuffix('/api')}/runs/flow-run/{live_run}",
-                            shots)
-            ops.wait(live_run, timeout=10 * 60)
-            _loss_chart_is_shown(page, shots)
-        finally:
-            browser.close()
+    page.locator("li.p-tab", has_text="Artifacts").click()
+    wanted = {"sft-pipeline-stages", "train-report", "train-summary", "train-progress",
+              "train-live", "export-report",
+              "evaluate-report", "evaluate-summary", "tokenize-report", "convert-report"}
+    deadline = time.monotonic() + 60
+    while missing := {k for k in wanted if k not in page.inner_text("body")}:
+        assert time.monotonic() < deadline, f"artifacts not listed: {missing}"
+        time.sleep(1)
+    page.screenshot(path=shots["artifacts"], full_page=True)
+    _loss_chart_is_shown(page, shots)
     with capsys.disabled():
         print(f"\nflow-run page screenshots: {', '.join(map(str, shots.values()))}")
 
 
-LIVE_ITERS = 6
-"""Steps of the run watched while it trains (it resumes the first run's step 2): steps 3-5 show
-progress short of the total for ~30 s, several of the UI's 5 s refreshes; step 6 validates."""
 PROGRESS = re.compile(r"step (\d+)/(\d+), ETA \d+:\d\d:\d\d, loss \d+\.\d{4}")
 
 
