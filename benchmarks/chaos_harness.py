@@ -97,6 +97,17 @@ def start_prefect_server(env: dict[str, str], log: Path,
             time.sleep(0.5)
 
 
+def clone_workdir(source: Path, work: Path) -> Path:
+    """A copy of a built workdir the store reuses as is: artifacts hard-linked (never modified
+    in place; break a link before editing a file), scratch copied (training appends to it)."""
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source / "artifacts", work / "artifacts", copy_function=os.link,
+                    ignore=shutil.ignore_patterns(".lock-*"))
+    if (source / "scratch").is_dir():
+        shutil.copytree(source / "scratch", work / "scratch")
+    return work
+
+
 class Harness:
     """Runs `rsft run` as a user does, in a workdir under `root`, with `sets` applied to every
     run (the tests pass cheaper settings)."""
@@ -195,17 +206,9 @@ class Harness:
         return Baseline(work, manifests, seconds)
 
     def clone(self, base: Baseline, folder: Path) -> Path:
-        """A copy of the baseline workdir: artifacts hard-linked (never modified in place; break
-        a link before editing a file), scratch copied (training appends to it)."""
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        work = folder / "work"
-        work.mkdir()
-        shutil.copytree(base.workdir / "artifacts", work / "artifacts", copy_function=os.link,
-                        ignore=shutil.ignore_patterns(".lock-*"))
-        if (base.workdir / "scratch").is_dir():
-            shutil.copytree(base.workdir / "scratch", work / "scratch")
-        return work
+        return clone_workdir(base.workdir, folder / "work")
 
     # checks after a rerun ------------------------------------------------------------------------
     def finish(self, r: DrillResult, base: Baseline, work: Path, rebuilt_after: float | None,

@@ -11,6 +11,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from benchmarks.chaos_harness import clone_workdir
 from tests.conftest import ROOT, artifact_dir, make_hf_cache, run_key_prefix, run_pipeline, stage_of
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -221,7 +222,8 @@ class _EosAfter:
 # -- one whole run, every checkpoint evaluated, then extended: the tests below read it -------------
 WHOLE = ["train.train_iters=4", "train.save_interval=2", "train.lr_warmup_iters=1",
          "train.global_batch_size=1", "evaluate.checkpoints=all", "evaluate.evaluate_base=true",
-         "evaluate.max_problems=2", "evaluate.max_new_tokens=16"]
+         "evaluate.max_problems=2", "evaluate.max_new_tokens=16",
+         "train.eval_iters=1"]  # validation on one held-out row (the whole split: test_training.py)
 LONGER = [*WHOLE, "train.train_iters=6"]
 
 
@@ -505,9 +507,31 @@ TRAIN = ["convert.verify=false", "dataset.test_split=0", "train.eval_interval=0"
          "train.global_batch_size=1"]
 
 
-@pytest.mark.slow
-def test_from_train_retrains_afresh_keeping_the_old_run_and_a_plain_rerun_reuses(tmp_path):
-    first = run_pipeline(tmp_path, *TRAIN, until="train")[0].result()["train"]
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, prefect_api) -> Path:
+    """download, patch_tokenizer, convert and dataset built once with TRAIN's settings; the
+    tests below train on copies of it (`clone_workdir`: the store reuses a copied workdir)."""
+    work = tmp_path_factory.mktemp("upstream")
+    state, _, _ = run_pipeline(work, *TRAIN,
+                               only=["download", "patch_tokenizer", "convert", "dataset"])
+    assert state.is_completed(), state.message
+    return work
+
+
+def trains_on_upstream(test):
+    """A test of copies of the `upstream` workdir: on one process (pytest-xdist), so it is
+    built once."""
+    return pytest.mark.slow(pytest.mark.xdist_group("upstream")(test))
+
+
+@trains_on_upstream
+def test_from_train_retrains_afresh_keeping_the_old_run_and_a_plain_rerun_reuses(upstream,
+                                                                                  tmp_path):
+    clone_workdir(upstream, tmp_path)
+    state, states, _ = run_pipeline(tmp_path, *TRAIN, until="train")
+    assert states == {"download": "Cached", "patch_tokenizer": "Cached", "convert": "Cached",
+                      "dataset": "Cached", "tokenize": "Completed", "train": "Completed"}
+    first = state.result()["train"]
     work = tmp_path / "scratch" / "train" / first.meta["lineage"]
     old_run = json.loads((first.dir / "run.json").read_text())["run_id"]
     state, states, _ = run_pipeline(tmp_path, *TRAIN, from_stage="train", until="train")
@@ -530,10 +554,11 @@ def test_from_train_retrains_afresh_keeping_the_old_run_and_a_plain_rerun_reuses
     assert states["train"] == "Cached" and len(list(work.glob("previous-*"))) == 1
 
 
-@pytest.mark.slow
-def test_epochs_train_the_steps_the_tokenized_rows_give(tmp_path):
+@trains_on_upstream
+def test_epochs_train_the_steps_the_tokenized_rows_give(upstream, tmp_path):
     from tasks.train import epoch_steps
 
+    clone_workdir(upstream, tmp_path)
     sets = [*TRAIN, "train.train_iters=null", "train.epochs=0.05", "train.lr_warmup_iters=0"]
     state, states, _ = run_pipeline(tmp_path, *sets, until="train")  # planned after tokenize
     assert state.is_completed(), state.message
