@@ -73,6 +73,28 @@ def test_a_reopened_run_continues_without_repeating_steps(tmp_path, offline, los
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2  # the same id twice
 
 
+def test_a_session_reopened_within_the_same_second_still_replaces_the_later_steps(tmp_path,
+                                                                                 monkeypatch):
+    """TensorBoard reads event files in name order — `<second>.<host>.<pid>.<n>`, n counting the
+    process's writers: a session reopened in the same second whose n went from 9 to 10 would
+    sort before the first session's file, and its purge would miss (seen in a test process)."""
+    import itertools
+
+    from tensorboard.summary.writer import event_file_writer
+
+    from settings.models import TrainSettings
+
+    counter = itertools.count(9)
+    monkeypatch.setattr(event_file_writer._global_uid, "get", lambda: next(counter))
+    settings = TrainSettings(report_to=["tensorboard"])
+    for start, steps in ((0, range(1, 6)), (3, range(4, 8))):
+        trackers = tracking.open_trackers(settings, tmp_path, "resumed", start)
+        for step in steps:
+            trackers.log(step, {"train/loss": 10.0 / step})
+        trackers.close()
+    assert [s for s, _ in READERS["tensorboard"](tmp_path)["train/loss"]] == list(range(1, 8))
+
+
 def test_a_tracker_that_fails_is_reported_once_and_training_goes_on(converted, data, tmp_path,
                                                                     capfd):
     from megatron_bridge.training.trainer import run

@@ -129,10 +129,12 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         logdir = folder / "tensorboard"
-        earlier = logdir.is_dir() and any(logdir.glob("events.out.tfevents.*"))
+        earlier = sorted(logdir.glob("events.out.tfevents.*")) if logdir.is_dir() else []
         # A new event file per session; readers drop the earlier files' events at steps ≥
         # purge_step, which this session writes again.
         purge = start_step + 1 if earlier and start_step is not None else None
+        if earlier:
+            _after_in_name_order(earlier[-1])
         self.writer = SummaryWriter(str(logdir), purge_step=purge)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -142,6 +144,16 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _after_in_name_order(newest: Path) -> None:
+    """Readers take event files in name order, `events.out.tfevents.<second>.<host>.<pid>.<n>`:
+    a session opened within the same second as the newest file could sort before it (another
+    pid, or n past 9), and the purge would then apply to the wrong file. Wait for the next
+    second, which only a session following another at once (a test, a quick rerun) ever does."""
+    stamp = int(newest.name.split(".")[3])
+    while int(time.time()) <= stamp:
+        time.sleep(0.05)
 
 
 class Wandb:
