@@ -376,3 +376,16 @@ def log(request):
     logger.addHandler(logger.recorder)
     yield logger
     logger.removeHandler(logger.recorder)
+
+
+class EosAfter:
+    """A logits processor that makes the EOS token certain once `n` tokens were generated (a
+    random model rarely samples it by itself)."""
+
+    def __init__(self, n: int, eos: int, start: int):
+        self.n, self.eos, self.start = n, eos, start
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.start >= self.n:
+            scores[:, self.eos] = scores.max() + 100
+        return scores

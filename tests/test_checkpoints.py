@@ -1,6 +1,6 @@
 """Every checkpoint evaluated: the training run's lineage (a longer run continues a shorter one,
 bit-exactly) and the per-checkpoint export/evaluate plan keyed by lineage and iteration. (The
-whole pipeline with `evaluate.checkpoints: all`, extended from 4 to 6 steps: test_pipeline.py.)"""
+whole pipeline with `evaluate.checkpoints: all`, extended from 4 to 6 steps: test_whole_run.py.)"""
 
 from __future__ import annotations
 

@@ -85,6 +85,10 @@ class Ops:
         assert state.is_completed(), f"flow run {run_id}: {state.name} {state.message}\n" \
                                      f"{self.tail('worker')}"
 
+    def page(self, run_id: UUID) -> str:
+        """The flow run's page in the UI this server serves."""
+        return f"{self.api.removesuffix('/api')}/runs/flow-run/{run_id}"
+
     def wait_for_stage(self, run_id: UUID, stage: str, timeout: float) -> None:
         """Until the flow run's `stage` task run has started."""
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -248,8 +252,7 @@ def first_run(ops: Ops, browser: Browser) -> UUID:
     run_id = ops.run_deployment("sft-pipeline/tiny", SETTINGS)
     if browser.page is not None:
         ops.wait_for_stage(run_id, "train", timeout=10 * 60)
-        _watch_training(browser.page, f"{ops.api.removesuffix('/api')}/runs/flow-run/{run_id}",
-                        browser.shots)
+        _watch_training(browser.page, ops.page(run_id), browser.shots)
     ops.wait(run_id, timeout=15 * 60)
     return run_id
 
@@ -337,8 +340,7 @@ def test_flow_run_page_in_headless_chromium(ops, browser, first_run, capsys):
         pytest.skip(browser.skip)
     page, shots = browser.page, browser.shots
     assert shots["training-progress"].is_file() and shots["training-live-table"].is_file()
-    page.goto(f"{ops.api.removesuffix('/api')}/runs/flow-run/{first_run}",
-              wait_until="networkidle")
+    page.goto(ops.page(first_run), wait_until="networkidle")
     # the run graph is a WebGL canvas: wait until its task bars are drawn
     deadline = time.monotonic() + 90
     while True:

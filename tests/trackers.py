@@ -15,7 +15,6 @@ TRAIN = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
          "train/supervised_tokens", "train/memory_gb")
 VAL = ("val/loss", "val/tokens")
 
-
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true"}
 """W&B without network or account; MLflow's file store allowed in the reading process too."""
 
