@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 def test_first_run_builds_and_second_is_all_cached(tmp_path):
     storage = PREFECT_LOCAL_STORAGE_PATH.value()  # Prefect's task results and cache records
-    results = set(storage.rglob("*")) if storage.exists() else set()
+    results = set(storage.rglob("*"))  # empty while the folder does not exist
     state, states, artifacts = run_pipeline(tmp_path)
     assert state.is_completed(), state.message
     assert states == {"download": "Completed", "patch_tokenizer": "Completed"}
@@ -30,9 +30,10 @@ def test_first_run_builds_and_second_is_all_cached(tmp_path):
     state, states, _ = run_pipeline(tmp_path)
     assert states == {"download": "Cached", "patch_tokenizer": "Cached"}
     assert state.result()["patch_tokenizer"].content_hash == manifests["patch_tokenizer"].content_hash
-    # The store alone decided: no Prefect cache records or results, in the workdir or Prefect's
+    # The store alone decided: no Prefect cache records or results, in the workdir or in
+    # Prefect's result storage
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
-    assert (set(storage.rglob("*")) if storage.exists() else set()) == results
+    assert set(storage.rglob("*")) == results
 
 
 def test_force_rebuilds_that_stage_and_downstream_only_if_changed(tmp_path):
