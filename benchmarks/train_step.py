@@ -173,7 +173,7 @@ def main() -> None:
         for model in models.values():
             model.load_state_dict(models["ours"].state_dict())
         params = sum(p.numel() for p in models["ours"].parameters())
-        steppers = {"ours": Stepper(models["ours"], settings, vocab, packed=False),
+        steppers = {"ours": Stepper(models["ours"], settings, vocab, thd=False),
                     "bare": Bare(models["bare"], settings, vocab)}
         if CpuStepper:
             steppers["before"] = CpuStepper(models["before"], settings, vocab)

@@ -1,8 +1,8 @@
 """Build this rank's megatron-core GPTModel from an HF config.json, through the architecture tables.
 
-The layer spec is Transformer Engine's when TE is importable and CUDA is present, megatron-core's
-local spec otherwise; both save the same `torch_dist` checkpoint keys (the local spec maps its
-norm names onto TE's fused ones).
+The layer spec and fused kernels are `megatron_bridge.host`'s decision (Transformer Engine's spec
+where TE imports on a CUDA host, megatron-core's local spec otherwise); both specs save the same
+`torch_dist` checkpoint keys (the local spec maps its norm names onto TE's fused ones).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from megatron_bridge.compat import cpu_only
+from megatron_bridge.host import Host, Kernels, decide
 from megatron_bridge.models import Architecture, Geometry, Kind, architecture_for
 from settings.errors import UserError
 
@@ -25,8 +26,6 @@ TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
 
 VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,21 +67,21 @@ def geometry(hf: dict[str, Any], tp: int) -> Geometry:
         padded_vocab_size=padded_vocab_size(hf["vocab_size"], tp), tp=tp)
 
 
-def use_te() -> bool:
-    if cpu_only():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def model_kernels(hf: dict[str, Any], **options) -> Kernels:
+    """This host's kernels for the model of `hf` (`options`: `decide`'s keywords)."""
+    kwargs = architecture_for(hf).config(hf)
+    kwargs.pop("model")
+    return decide(Host.probe(), kwargs, **options)
 
 
 def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
-                initialize: bool = False, parallel_output: bool = True, **config_overrides):
+                initialize: bool = False, parallel_output: bool = True,
+                kernels: Kernels | None = None, **config_overrides):
     """This rank's GPTModel (model-parallel groups must be initialised). Weights are left
-    uninitialised unless `initialize` (a converter overwrites them all anyway).
-    `config_overrides` are extra TransformerConfig fields (training: recompute, loss options)."""
+    uninitialised unless `initialize` (a converter overwrites them all anyway). `kernels`: the
+    spec and fused kernels (default: this host's, for inference); `config_overrides` are extra
+    TransformerConfig fields (training: recompute, loss options). Parameters are created on
+    this rank's CUDA device when there is one, else on the CPU."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -92,25 +91,22 @@ def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype
     kwargs = architecture_for(hf).config(hf)
     model_kwargs = kwargs.pop("model")
     dtype = dtype or hf_dtype(hf)
-    gpu, te = not cpu_only(), use_te()
+    kernels = kernels or model_kernels(hf)
     settings = {
         **kwargs,
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "params_dtype": dtype, "pipeline_dtype": dtype,
         "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
-        "use_cpu_initialization": not gpu, "perform_initialization": initialize,
-        # Fused kernels: megatron-core's jit fusions need CUDA, the fused RoPE needs Transformer
-        # Engine (gradient accumulation fusion needs DDP's main_grad: the trainer turns it on).
-        "bias_activation_fusion": gpu, "bias_dropout_fusion": gpu, "masked_softmax_fusion": gpu,
-        "persist_layer_norm": gpu, "apply_rope_fusion": te, "gradient_accumulation_fusion": False,
+        "use_cpu_initialization": cpu_only(), "perform_initialization": initialize,
+        **kernels.config(),
         **config_overrides,
     }
     config = TransformerConfig(**settings)
-    if te:
+    if kernels.transformer_engine:
         spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         spec = specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
-                                              normalization="RMSNorm")
+                                              normalization=config.normalization)
     model_kwargs["vocab_size"] = padded_vocab_size(model_kwargs["vocab_size"], tp)
     model = GPTModel(config, spec, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), parallel_output=parallel_output,

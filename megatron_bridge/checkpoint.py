@@ -105,12 +105,42 @@ def available_iterations(root: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
 
 
-def load(model, root: Path, iteration: int | None = None) -> None:
-    """Collective: load the latest (or the given) checkpoint into this rank's model, whatever
-    layout it was saved with (dist_checkpointing reshards)."""
+EXTRA_STATE = "_extra_state"
+"""Transformer Engine's per-layer FP8 metadata: a TE model asks for it, megatron's local spec has
+none. A checkpoint written on one kind of host loads on the other: the TE model starts it from
+its defaults, the local model leaves the checkpoint's unread."""
+
+
+def _refuse_other_than_extra_state(keys, root: Path) -> None:
+    keys = sorted(k for k in keys if not k.endswith(EXTRA_STATE))
+    if keys:
+        raise UserError(f"{root}: checkpoint lacks {keys[:3]}…; it is not this model")
+
+
+def load_sharded(request: dict[str, Any], target: Path, root: Path) -> dict[str, Any]:
+    """Collective: `dist_checkpointing.load` of `request` from the iteration folder `target`,
+    tolerating `EXTRA_STATE` both ways (Megatron-LM's non-strict load): what the checkpoint has
+    and the request lacks is left unread; what the request asks for and the checkpoint lacks is
+    left out of the load if it is `_extra_state`, refused (naming it) otherwise."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    state, _, unexpected = dist_checkpointing.load(request, str(target),
+                                                   strict=StrictHandling.RETURN_UNEXPECTED)
+    _refuse_other_than_extra_state(unexpected, root)
+    return state
+
+
+def load_model_state(model, state: dict[str, Any], root: Path) -> None:
+    """Put `load_sharded`'s model state into the model; a TE model keeps its `_extra_state`
+    defaults where the checkpoint had none."""
+    missing, _ = model.load_state_dict(state, strict=False)
+    _refuse_other_than_extra_state(missing, root)
+
+
+def load(model, root: Path, iteration: int | None = None) -> None:
+    """Collective: load the latest (or the given) checkpoint into this rank's model, whatever
+    layout it was saved with (dist_checkpointing reshards)."""
     if iteration is not None:
         target = iteration_dir(root, iteration)
         if not target.is_dir():
@@ -121,16 +151,5 @@ def load(model, root: Path, iteration: int | None = None) -> None:
         target = iteration_dir(root, read_tracker(root))
     if not target.is_dir():
         raise UserError(f"{root}: the tracker points to {target.name}, which does not exist")
-    # "Unexpected" = asked for but not in the checkpoint: leave those out of the load, then
-    # tolerate only Transformer Engine's `_extra_state` (FP8 metadata) — a checkpoint written on
-    # a host without TE has none, and a TE model starts from its defaults.
-    state, _, unexpected = dist_checkpointing.load(
-        {"model": model.sharded_state_dict()}, str(target),
-        strict=StrictHandling.RETURN_UNEXPECTED)
-    unexpected = sorted(k for k in unexpected if not k.endswith("_extra_state"))
-    if unexpected:
-        raise UserError(f"{root}: checkpoint lacks {unexpected[:3]}…; it is not this model")
-    missing, _ = model.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing:
-        raise UserError(f"{root}: checkpoint lacks {missing[:3]}…; it is not this model")
+    state = load_sharded({"model": model.sharded_state_dict()}, target, root)
+    load_model_state(model, state["model"], root)

@@ -290,6 +290,37 @@ class TrackingSettings(Strict):
     scratch folder (no network; `mlflow ui --backend-store-uri <it>` shows it)."""
 
 
+Switch = Literal["auto", "on", "off"]
+
+
+class KernelSettings(Strict):
+    """The layer spec and fused kernels of the training model. `auto` (every default) decides
+    from what the host running the ranks has (`megatron_bridge/host.py`): a flag is on only
+    where the kernel it needs imports. `on` where that kernel is absent stops the run before
+    any step, naming the kernel; `off` always works (e.g. to rule a kernel out while debugging
+    numerics). They change how a step is computed, not what (the same math up to rounding), so
+    no artifact key or training lineage depends on them, and a run resumes across hosts with
+    other kernels."""
+
+    transformer_engine: Switch = "auto"
+    """Transformer Engine's layer spec with THD packed attention (needs TE on a CUDA host);
+    `off`: megatron-core's local spec with a block-diagonal attention mask."""
+    persist_layer_norm: Switch = "auto"
+    """Apex's persistent LayerNorm kernel (LayerNorm models on the local spec only)."""
+    masked_softmax_fusion: Switch = "auto"
+    """The Megatron-LM / Apex fused attention softmax (local spec; never with packed rows,
+    whose block-diagonal mask its causal kernel ignores)."""
+    bias_activation_fusion: Switch = "auto"
+    """megatron-core's compiled SwiGLU/GeLU fusion (torch.compile; `auto`: on with CUDA)."""
+    bias_dropout_fusion: Switch = "auto"
+    """megatron-core's compiled bias-dropout-add (torch.compile; `auto`: on with CUDA)."""
+    apply_rope_fusion: Switch = "auto"
+    """Transformer Engine's fused rotary embedding."""
+    gradient_accumulation_fusion: Switch = "auto"
+    """Weight-gradient GEMMs accumulating straight into the fp32 gradient buffer (Apex's
+    `fused_weight_gradient_mlp_cuda`)."""
+
+
 class TrainSettings(Strict):
     """Stage `train`: megatron-core SFT under torchrun."""
 
@@ -368,6 +399,8 @@ class TrainSettings(Strict):
     keep_last: int = not_in_lineage(default=2, ge=1)
     """Checkpoints kept while training (older ones are deleted, except those
     `evaluate.checkpoints` chose)."""
+    kernels: KernelSettings = not_in_key(default_factory=KernelSettings)
+    """Layer spec and fused kernels (`auto`: what the host has)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: trade compute for memory at long sequence lengths (`selective`
     recomputes the attention core, `full` each layer)."""

@@ -12,11 +12,14 @@ Tensors for a micro-batch of packed rows (padded to `seq_length` at the end):
 - without Transformer Engine: `attention_mask` [b, 1, s, s], True where attention is *blocked*:
   causal and block-diagonal over samples (padding is one more block, so no row is fully masked);
 - with it: `cu_seqlens` (THD `PackedSeqParams`: each sample is its own sequence; micro-batch 1).
+
+Built on the host; `to(cuda)` copies asynchronously from pinned memory, and `cu_seqlens` travels
+with the rest while `max_seqlen` is read from the host's lengths (no device-to-host sync).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -32,12 +35,25 @@ class MicroBatch:
     position_ids: torch.Tensor
     segments: torch.Tensor  # [b, s] sample index within the row; padding gets its own index
     lengths: list[list[int]]  # per row: sample lengths (padding excluded)
+    cu_seqlens: torch.Tensor | None = field(default=None)
+    """THD sequence boundaries of a one-row micro-batch (padding as a last sequence)."""
+
+    TENSORS = ("tokens", "labels", "loss_mask", "position_ids", "segments", "cu_seqlens")
+
+    def __post_init__(self) -> None:
+        if self.cu_seqlens is None and self.tokens.shape[0] == 1:
+            self.cu_seqlens = torch.tensor([0, *np.cumsum(self.sequence_lengths()).tolist()],
+                                           dtype=torch.int32)
 
     def to(self, device: torch.device) -> "MicroBatch":
+        """This micro-batch on `device`; to CUDA by a non-blocking copy from pinned memory (a
+        copy from pageable memory would wait for the GPU)."""
         if self.tokens.device == device:
             return self
-        return replace(self, **{f: getattr(self, f).to(device) for f in
-                                ("tokens", "labels", "loss_mask", "position_ids", "segments")})
+        cuda = device.type == "cuda"
+        return replace(self, **{
+            f: t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+            for f in self.TENSORS if (t := getattr(self, f)) is not None})
 
     def attention_mask(self) -> torch.Tensor:
         s = self.tokens.shape[1]
@@ -45,13 +61,22 @@ class MicroBatch:
         other = self.segments[:, :, None] != self.segments[:, None, :]
         return (causal[None] | other)[:, None]
 
-    def cu_seqlens(self) -> torch.Tensor:
-        """Sequence boundaries of a one-row micro-batch (THD), padding as a last sequence."""
+    def sequence_lengths(self) -> list[int]:
+        """The THD sequences of a one-row micro-batch: its samples, then its padding."""
         assert self.tokens.shape[0] == 1, "THD packing takes one row per micro-batch"
         lengths = list(self.lengths[0])
         if (pad := self.tokens.shape[1] - sum(lengths)) > 0:
             lengths.append(pad)
-        return torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+        return lengths
+
+    def packed_seq_params(self):
+        """megatron-core's THD description of a one-row micro-batch, on the batch's device."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        longest = max(self.sequence_lengths())
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens,
+                               cu_seqlens_kv=self.cu_seqlens, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
 
 
 def order(rows: int, seed: int, start: int, count: int) -> np.ndarray:

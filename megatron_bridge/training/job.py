@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -18,14 +18,8 @@ from settings.errors import UserError
 from settings.loader import format_validation_error
 from settings.models import TrainSettings
 
-
-def packed_sequences() -> bool:
-    """Packed rows go in as THD sequences (Transformer Engine's attention on CUDA); otherwise
-    with a block-diagonal attention mask (megatron-core's local attention: CPU, or a GPU
-    without TE — same numbers, attention memory quadratic in the row length)."""
-    from megatron_bridge.build import use_te
-
-    return use_te()
+if TYPE_CHECKING:
+    from megatron_bridge.host import Kernels
 
 
 def read_metrics(path: Path, until: int | None = None) -> list[dict[str, Any]]:
@@ -86,10 +80,13 @@ class TrainJob(BaseModel):
         (`tensorboard/`, `wandb/`, `mlruns/`, `tracking.json`)."""
         return self.metrics_path.parent
 
-    def check(self, world_size: int, model_meta: dict[str, Any], data_stats: dict[str, Any]) -> None:
+    def check(self, world_size: int, model_meta: dict[str, Any],
+              data_stats: dict[str, Any]) -> "Kernels":
         """Everything that can be known wrong before building the model (the settings' own
-        consistency was validated with them)."""
+        consistency was validated with them); returns the kernels the model is built with."""
         import torch
+
+        from megatron_bridge.build import check_layout, model_kernels
 
         t = self.train
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -101,12 +98,7 @@ class TrainJob(BaseModel):
             raise UserError(f"{world_size} processes were launched for a job of "
                             f"train.nproc_per_node × nnodes = {t.nproc_per_node} × {t.nnodes}; "
                             "launch it with that many")
-        if self.device == "cuda" and t.micro_batch_size != 1 and packed_sequences():
-            raise UserError("train.micro_batch_size must be 1 with Transformer Engine: a packed row "
-                           "is one THD sequence batch; raise global_batch_size instead")
         hf = model_meta["hf_config"]
-        from megatron_bridge.build import check_layout
-
         try:
             check_layout(hf, t.tensor_parallel, t.pipeline_parallel)
         except ValueError as e:
@@ -139,3 +131,11 @@ class TrainJob(BaseModel):
         if rows < t.global_batch_size:
             raise UserError(f"the data has {rows} rows, fewer than one global batch "
                            f"({t.global_batch_size}); lower train.global_batch_size")
+        # Packed rows (the default) hold several samples; unpacked ones one and its padding.
+        kernels = model_kernels(hf, training=True, document_mask=data_stats.get("pack", True),
+                                forced=t.kernels)
+        if kernels.transformer_engine and t.micro_batch_size != 1:
+            raise UserError("train.micro_batch_size must be 1 with Transformer Engine: a packed row "
+                           "is one THD sequence batch; raise global_batch_size instead (or set "
+                           "train.kernels.transformer_engine: off)")
+        return kernels

@@ -126,9 +126,8 @@ def save(save_dir: Path, iteration: int, stepper, metadata: dict[str, Any],
 
 
 def load(save_dir: Path, iteration: int, stepper, source_meta: dict[str, Any]) -> None:
-    """Collective: restore model, optimizer and RNG of `iteration` for an exact resume."""
-    from megatron.core import dist_checkpointing
-
+    """Collective: restore model, optimizer and RNG of `iteration` for an exact resume (on a host
+    with or without Transformer Engine, whichever saved it: `checkpoint.load_sharded`)."""
     root = Path(save_dir)
     saved = checkpoint.read_metadata(root)
     if saved.get("hf_config") != source_meta.get("hf_config"):
@@ -142,7 +141,7 @@ def load(save_dir: Path, iteration: int, stepper, source_meta: dict[str, Any]) -
     model_state = stepper.module.sharded_state_dict()
     request = {"model": model_state,
                "optimizer": stepper.optimizer_state(model_state, loading=True)}
-    state = dist_checkpointing.load(request, str(target))
-    stepper.module.load_state_dict(state["model"], strict=False)
+    state = checkpoint.load_sharded(request, target, root)
+    checkpoint.load_model_state(stepper.module, state["model"], root)
     stepper.load_optimizer_state(state["optimizer"])
     set_rng_state(torch.load(target / f"rng_{dist.get_rank()}.pt", weights_only=True))

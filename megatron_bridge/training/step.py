@@ -12,10 +12,12 @@ the sum over every micro-batch and data-parallel rank divided by the total numbe
 tokens (`calculate_per_token_loss`, the seed's `--calculate-per-token-loss`), not a mean of
 per-micro-batch means.
 
-What differs by machine is only what CUDA provides: with Transformer Engine (GPU) packed rows go
-in as THD sequences (`PackedSeqParams`); without it (CPU, or a GPU without TE) they go in with a
-block-diagonal causal attention mask — the same numbers, more attention memory. On a CPU box the
-CUDA hard-codes of megatron-core are redirected by `compat.cuda_as_cpu()`.
+What differs by machine is only what CUDA provides (`megatron_bridge.host` decides): with
+Transformer Engine's spec packed rows go in as THD sequences (`PackedSeqParams`); without it (CPU,
+or a GPU without TE) they go in with a block-diagonal causal attention mask — the same numbers,
+more attention memory. On a CPU box the CUDA hard-codes of megatron-core are redirected by
+`compat.cuda_as_cpu()`. A micro-batch reaches the GPU by an asynchronous copy from pinned memory,
+and nothing of it is read back to the host (the THD lengths come from the host's copy).
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ class Stepper:
     Build it after the weights are loaded: the optimizer's fp32 master weights are copies of the
     parameters at construction."""
 
-    def __init__(self, model, settings: TrainSettings, vocab_size: int, packed: bool):
+    def __init__(self, model, settings: TrainSettings, vocab_size: int, thd: bool):
         from megatron.core.distributed import (DistributedDataParallel,
                                                DistributedDataParallelConfig,
                                                finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.settings, self.vocab_size, self.packed = settings, vocab_size, packed
+        self.settings, self.vocab_size, self.thd = settings, vocab_size, thd
         s = settings
         self.module = model
         config = model.config
@@ -98,16 +100,11 @@ class Stepper:
 
     def forward_step(self, data_iterator, model):
         """The schedule's `forward_step_func`: this micro-batch through this pipeline stage."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         with compat.outside_cuda_as_cpu():
             mb: MicroBatch = next(data_iterator).to(device())
             mask, packed = None, None
-            if self.packed:  # THD: every sample its own sequence (Transformer Engine attention)
-                cu = mb.cu_seqlens().to(mb.tokens.device)
-                longest = int((cu[1:] - cu[:-1]).max())
-                packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                         max_seqlen_q=longest, max_seqlen_kv=longest)
+            if self.thd:  # every sample its own sequence (Transformer Engine attention)
+                packed = mb.packed_seq_params()
             else:
                 mask = mb.attention_mask()
             output = model(mb.tokens, mb.position_ids, mask, packed_seq_params=packed)

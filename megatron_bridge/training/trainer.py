@@ -6,7 +6,6 @@ the end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
@@ -18,12 +17,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge import checkpoint
-from megatron_bridge.build import build_model
+from megatron_bridge.build import build_model, model_kernels
 from megatron_bridge.data.indexed import SFTDataset
+from megatron_bridge.host import Host, Kernels
 from megatron_bridge.parallel import model_parallel
 from megatron_bridge.training import state
 from megatron_bridge.training.batches import Batches, Validation
-from megatron_bridge.training.job import TrainJob, packed_sequences, read_metrics
+from megatron_bridge.training.job import TrainJob, read_metrics
+from megatron_bridge.training.mfu import model_flops, peak_flops
 from megatron_bridge.training.schedule import learning_rate
 from megatron_bridge.training.step import Stepper, device
 from megatron_bridge.training.tracking import open_trackers
@@ -31,7 +32,6 @@ from settings.errors import UserError
 from settings.models import TrainSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PEAK_FLOPS = float(os.environ.get("RSFT_PEAK_TFLOPS", "989")) * 1e12  # H100 bf16 dense
 
 
 def read_inputs(job: TrainJob) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -55,36 +55,15 @@ def grown_vocabulary(meta: dict[str, Any], tokens: int) -> dict[str, Any]:
     return {**meta, "vocab_size": tokens, "hf_config": {**meta["hf_config"], "vocab_size": tokens}}
 
 
-def model_flops(hf: dict[str, Any], lengths: list[list[int]]) -> float:
-    """Training FLOPs of a step over rows of packed samples (Megatron's formula, forward +
-    backward = 3× forward), attention counted over the real sample lengths (packed samples do
-    not attend to each other; causal: half of each square)."""
-    h, layers = hf["hidden_size"], hf["num_hidden_layers"]
-    heads = hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or h // heads
-    ffn = hf["intermediate_size"]
-    per_token = layers * (2 * h * head_dim * (heads + 2 * kv) + 2 * heads * head_dim * h
-                          + 6 * h * ffn) + 2 * h * hf["vocab_size"]
-    tokens = sum(n for row in lengths for n in row)
-    attention = layers * 4 * heads * head_dim * sum(n * n for row in lengths for n in row) / 2
-    return 3 * (per_token * tokens + attention)
-
-
 def memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def model_overrides(settings: TrainSettings, packed: bool) -> dict[str, Any]:
+def model_overrides(settings: TrainSettings) -> dict[str, Any]:
     """TransformerConfig fields the training job sets on top of the architecture's."""
-    # Weight-gradient GEMMs accumulating straight into DDP's main_grad: TE's layers do it
-    # themselves, megatron's own output layer needs Apex's extension (NGC containers have it;
-    # a pip install of TE does not, and megatron-core refuses the flag without it).
-    fusion = packed and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
-    overrides: dict[str, Any] = {"calculate_per_token_loss": True,
-                                 "gradient_accumulation_fusion": fusion}
+    overrides: dict[str, Any] = {"calculate_per_token_loss": True}
     if settings.attention_dropout is not None:
         overrides["attention_dropout"] = settings.attention_dropout
     if settings.hidden_dropout is not None:
@@ -96,18 +75,20 @@ def model_overrides(settings: TrainSettings, packed: bool) -> dict[str, Any]:
     return overrides
 
 
-def build_stepper(job: TrainJob, meta: dict[str, Any], resume: int | None) -> Stepper:
+def build_stepper(job: TrainJob, meta: dict[str, Any], resume: int | None,
+                  kernels: Kernels | None = None) -> Stepper:
     """This rank's model under megatron-core's DDP and optimizer (model-parallel groups must be
     initialised): the converted weights and a fresh optimizer (`resume` None), or model,
-    optimizer and RNG of the save folder's iteration `resume`."""
+    optimizer and RNG of the save folder's iteration `resume`. `kernels`: what `job.check`
+    decided (default: this host's for packed rows)."""
     t = job.train
-    packed = packed_sequences()
+    kernels = kernels or model_kernels(meta["hf_config"], training=True, forced=t.kernels)
     model = build_model(meta["hf_config"], t.tensor_parallel, t.pipeline_parallel,
-                        DTYPES[t.precision], **model_overrides(t, packed)).to(device())
+                        DTYPES[t.precision], kernels=kernels, **model_overrides(t)).to(device())
     if resume is None:
         checkpoint.load(model, Path(job.checkpoint))
     # After the weights: the optimizer's master weights are copies of the parameters.
-    stepper = Stepper(model, t, meta["vocab_size"], packed)
+    stepper = Stepper(model, t, meta["vocab_size"], thd=kernels.transformer_engine)
     if resume is not None:
         state.load(Path(job.save), resume, stepper, meta)
     return stepper
@@ -121,18 +102,16 @@ def trained_metadata(meta: dict[str, Any], settings: TrainSettings) -> dict[str,
             "pipeline_parallel": settings.pipeline_parallel}
 
 
-def banner(job: TrainJob, start: int, world: int, seq_length: int, packed: bool) -> str:
-    """The `training:` line (rank 0): steps, layout, precision, attention."""
+def banner(job: TrainJob, start: int, world: int, seq_length: int, kernels: Kernels) -> str:
+    """The `training:` line (rank 0): steps, layout, precision, spec and kernels."""
     from megatron.core import parallel_state as ps
 
     t = job.train
-    attention = ("THD packed sequences (Transformer Engine)" if packed
-                 else "block-diagonal mask (megatron-core local spec)")
     return (f"training: steps {start}..{t.train_iters}, {world} processes "
             f"(TP {t.tensor_parallel}, PP {t.pipeline_parallel}, "
             f"DP {ps.get_data_parallel_world_size()}), seq {seq_length}, {t.precision}"
             f"{', distributed optimizer' if t.use_distributed_optimizer else ''}, "
-            f"attention: {attention}")
+            f"{kernels.summary()}")
 
 
 def due(done: int, interval: int, settings: TrainSettings) -> bool:
@@ -206,15 +185,15 @@ def batch_work(micro, hf: dict[str, Any]) -> tuple[int, float]:
 
 
 def record(done: int, result: dict[str, Any], lr: float, seconds: float, tokens: int,
-           flops: float, job: TrainJob, world: int) -> dict[str, Any]:
-    """One step's metrics line; MFU on CUDA (against RSFT_PEAK_TFLOPS per process), the loss
+           flops: float, job: TrainJob, world: int, peak: float | None) -> dict[str, Any]:
+    """One step's metrics line; MFU against `peak` FLOP/s per process (a known GPU), the loss
     scale and skipped flag in fp16."""
     metrics = {"step": done, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                "tokens": tokens, "supervised_tokens": result["supervised_tokens"],
                "seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                "memory_gb": round(memory_gb(), 3)}
-    if job.device == "cuda":
-        metrics["mfu"] = round(flops / (seconds * PEAK_FLOPS * world), 4)
+    if peak:
+        metrics["mfu"] = round(flops / (seconds * peak * world), 4)
     if job.train.precision == "fp16":
         metrics.update(loss_scale=result["loss_scale"], skipped=result["skipped"])
     return metrics
@@ -223,7 +202,7 @@ def record(done: int, result: dict[str, Any], lr: float, seconds: float, tokens:
 def run(job: TrainJob) -> None:
     meta, stats = read_inputs(job)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    job.check(world, meta, stats)
+    kernels = job.check(world, meta, stats)
     converted, meta = meta["vocab_size"], grown_vocabulary(meta, stats["tokenizer"]["vocab_size"])
     if meta["vocab_size"] != converted and int(os.environ.get("RANK", "0")) == 0:
         print(f"training: the embedding grows from {converted} to {meta['vocab_size']} rows for "
@@ -233,7 +212,7 @@ def run(job: TrainJob) -> None:
         from megatron.core import parallel_state as ps
 
         resume = state.resume_point(save_dir, t.train_iters)
-        stepper = build_stepper(job, meta, resume)
+        stepper = build_stepper(job, meta, resume, kernels)
         start = resume or 0
         batches = Batches(SFTDataset(Path(job.data) / "train"), stats["seq_length"],
                           t.global_batch_size, t.micro_batch_size, ps.get_data_parallel_rank(),
@@ -244,8 +223,15 @@ def run(job: TrainJob) -> None:
                                     t.eval_iters, t.global_batch_size,
                                     ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         log = trackers = None
+        peak = None
         if dist.get_rank() == 0:
-            print(banner(job, start, world, stats["seq_length"], stepper.packed), flush=True)
+            print(banner(job, start, world, stats["seq_length"], kernels), flush=True)
+            if job.device == "cuda":
+                peak = peak_flops(Host.probe().device_name, t.precision)
+                if peak is None:
+                    print(f"training: no MFU: the peak FLOP/s of {Host.probe().device_name} is "
+                          "not in megatron_bridge/training/mfu.py; set RSFT_PEAK_TFLOPS",
+                          flush=True)
             save_dir.mkdir(parents=True, exist_ok=True)
             log = MetricsLog(job.metrics_path, t.train_iters, start)
             if t.report_to:
@@ -268,7 +254,7 @@ def run(job: TrainJob) -> None:
                     val = stepper.evaluate(validation.micro_batches(), len(validation),
                                            stats["seq_length"])
                 if log and (should_log(done, t) or val):
-                    metrics = record(done, result, lr, seconds, tokens, flops, job, world)
+                    metrics = record(done, result, lr, seconds, tokens, flops, job, world, peak)
                     if val:
                         metrics.update(val_loss=val[0], val_tokens=val[1])
                     log.write(metrics)
