@@ -159,3 +159,60 @@ def test_a_forced_kernel_the_host_lacks_stops_the_trainer_before_any_step(conver
     assert "scaled_masked_softmax_cuda" in errors[0], errors
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "save").exists()
+
+
+def _asking_for(model, key: str, data=None):
+    """The model's sharded request plus, per layer, an object stacked along the layers as
+    megatron shards them — what a Transformer Engine layer adds for `..._extra_state`."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    plain = model.sharded_state_dict
+    layers = len(model.decoder.layers)
+
+    def sharded_state_dict(*args, **kwargs):
+        return {**plain(*args, **kwargs), **{
+            key.replace("layers.", f"layers.{i}."): ShardedObject(key, data, (layers,), (i,), 0)
+            for i in range(layers)}}
+
+    model.sharded_state_dict = sharded_state_dict
+    return model
+
+
+def test_a_run_resumes_across_hosts_with_and_without_transformer_engine(converted, data,
+                                                                        tmp_path):
+    """A checkpoint saved without Transformer Engine resumes on a TE host (whose layers ask for
+    `_extra_state`, their FP8 metadata), and one saved with TE resumes without it; a key other
+    than `_extra_state` that the checkpoint lacks is still refused."""
+    import io
+
+    from megatron_bridge import checkpoint
+    from megatron_bridge.parallel import model_parallel
+    from megatron_bridge.training import state
+    from megatron_bridge.training.trainer import build_stepper, run, trained_metadata
+
+    extra = "decoder.layers.self_attention.core_attention._extra_state"
+    plain_job = job(converted, data, tmp_path / "plain", train_iters=2, save_interval=2)
+    run(plain_job)
+    meta = checkpoint.read_metadata(converted)
+
+    def params(stepper):
+        return {n: p.detach().clone() for n, p in stepper.module.named_parameters()}
+
+    with model_parallel(1, 1, seed=0):
+        resumed = params(build_stepper(plain_job, meta, 2))
+        te_host = build_stepper(plain_job, meta, None)
+        _asking_for(te_host.module, extra)
+        state.load(tmp_path / "plain", 2, te_host, meta)  # no _extra_state in the checkpoint
+        assert params(te_host).keys() == resumed.keys()
+        assert all(torch.equal(params(te_host)[k], resumed[k]) for k in resumed)
+
+        _asking_for(te_host.module, extra, io.BytesIO(b"fp8 metadata"))
+        state.save(tmp_path / "te", 2, te_host, trained_metadata(meta, plain_job.train), 1)
+        local = build_stepper(plain_job, meta, None)
+        state.load(tmp_path / "te", 2, local, meta)  # _extra_state in the checkpoint, unasked
+        assert all(torch.equal(params(local)[k], resumed[k]) for k in resumed)
+
+        other = build_stepper(plain_job, meta, None)
+        _asking_for(other.module, "decoder.layers.mlp.router.weight")
+        with pytest.raises(UserError, match=r"checkpoint lacks \['decoder.layers.mlp.router"):
+            state.load(tmp_path / "plain", 2, other, meta)

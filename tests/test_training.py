@@ -67,6 +67,24 @@ def test_packed_rows_decode_to_exactly_the_answers_with_positions_and_masks_per_
     assert sorted(seen) == expected
 
 
+def test_thd_boundaries_travel_with_the_batch_and_their_longest_comes_from_the_host(packed_hybrid):
+    """On a GPU, reading a value of a device tensor waits for the GPU: the THD description of a
+    micro-batch on the device is built without one (a value read from a `meta` tensor raises)."""
+    from megatron_bridge.data.indexed import SFTDataset
+    from megatron_bridge.training.batches import pack_rows
+
+    ds = SFTDataset(packed_hybrid / "train")
+    row = max(range(len(ds)), key=lambda i: len(ds.row(i)[2]))
+    mb = pack_rows(ds, np.array([row]), 4096)
+    lengths = [*mb.lengths[0], 4096 - sum(mb.lengths[0])]
+    assert len(lengths) >= 3  # several samples and the padding
+    on_device = mb.to(torch.device("meta"))
+    params = on_device.packed_seq_params()
+    assert params.cu_seqlens_q.device.type == "meta" and params.cu_seqlens_kv is params.cu_seqlens_q
+    assert params.max_seqlen_q == params.max_seqlen_kv == max(lengths)
+    assert mb.cu_seqlens.tolist() == np.cumsum([0, *lengths]).tolist()
+
+
 # -- gradients and steps against plain torch / transformers --------------------------------------
 @pytest.fixture
 def world_of_one():
@@ -445,3 +463,20 @@ def test_pipeline_stages_must_divide_the_layers(converted, data):
             global_batch_size=3).check(3, meta, stats)
     job(converted, data, Path("x"), pipeline_parallel=2, nproc_per_node=4,
         use_distributed_optimizer=True).check(4, meta, stats)  # PP and dist-opt: fine on CPU
+
+
+@pytest.mark.parametrize("device, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 80GB HBM3", "fp32", 66.9),
+    ("NVIDIA H100 PCIe", "fp16", 756.0), ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA GH200 480GB", "fp32", 66.9), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA L40", "bf16", 181.0), ("NVIDIA L4", "bf16", 121.0), ("NVIDIA B200", "bf16", 2250.0),
+    ("Some Future GPU", "bf16", None), (None, "bf16", None),
+])
+def test_mfu_divides_by_the_devices_peak_for_the_runs_precision(monkeypatch, device, precision,
+                                                                tflops):
+    from megatron_bridge.training.mfu import peak_flops
+
+    monkeypatch.delenv("RSFT_PEAK_TFLOPS", raising=False)
+    assert peak_flops(device, precision) == (tflops and tflops * 1e12)
+    monkeypatch.setenv("RSFT_PEAK_TFLOPS", "100")
+    assert peak_flops(device, precision) == 100e12
