@@ -216,3 +216,27 @@ def test_a_run_resumes_across_hosts_with_and_without_transformer_engine(converte
         _asking_for(other.module, "decoder.layers.mlp.router.weight")
         with pytest.raises(UserError, match=r"checkpoint lacks \['decoder.layers.mlp.router"):
             state.load(tmp_path / "plain", 2, other, meta)
+
+
+def test_the_transformer_engine_extras_pin_what_megatron_core_supports():
+    """Unpinned, pip takes a TE megatron-core 0.16 never ran with, and a binary-only resolution
+    the empty `transformer-engine==0.0.0`; without a `core_cu*` extra TE's CUDA libraries are
+    missing."""
+    import tomllib
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    theirs = next(Requirement(r) for r in requires("megatron-core")
+                  if Requirement(r).name == "transformer-engine")
+    pins = {name: Requirement(r) for name, reqs in extras.items() for r in reqs
+            if Requirement(r).name == "transformer-engine"}
+    assert set(pins) == {"te-cu12", "te-cu13"}, pins
+    for name, ours in pins.items():
+        assert ours.extras == {"pytorch", f"core_{name[3:]}"}, ours
+        for candidate in ("0.0.0", "2.8.0", "2.9.0", "2.11.0", "2.11.9", "2.12.0", "2.20.2"):
+            if ours.specifier.contains(candidate):
+                assert theirs.specifier.contains(candidate, prereleases=True), (ours, candidate)
+        assert ours.specifier.contains("2.11.0") and not ours.specifier.contains("0.0.0")
