@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
+                      model_serializer, model_validator)
 
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
 BUILTIN_SOURCE = re.compile(r"^builtin:(?P<name>[\w.\-]+)$")
@@ -290,7 +290,9 @@ class TrackingSettings(Strict):
     scratch folder (no network; `mlflow ui --backend-store-uri <it>` shows it)."""
 
 
-Switch = Literal["auto", "on", "off"]
+# YAML reads a bare on/off as true/false: take both spellings.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(
+    lambda v: ("on" if v else "off") if isinstance(v, bool) else v)]
 
 
 class KernelSettings(Strict):
@@ -319,6 +321,11 @@ class KernelSettings(Strict):
     gradient_accumulation_fusion: Switch = "auto"
     """Weight-gradient GEMMs accumulating straight into the fp32 gradient buffer (Apex's
     `fused_weight_gradient_mlp_cuda`)."""
+
+    CUDA_ONLY: ClassVar[tuple[str, ...]] = (
+        "transformer_engine", "persist_layer_norm", "masked_softmax_fusion", "apply_rope_fusion",
+        "gradient_accumulation_fusion")
+    """The switches whose kernels exist only on CUDA (the compiled fusions also build on CPU)."""
 
 
 class TrainSettings(Strict):
@@ -482,6 +489,10 @@ class TrainSettings(Strict):
         if self.loss_scale is not None and self.precision != "fp16":
             raise ValueError(f"loss_scale applies to precision fp16 only (this is "
                              f"{self.precision}); remove it")
+        if self.device == "cpu" and (cuda_only := [
+                name for name in KernelSettings.CUDA_ONLY if getattr(self.kernels, name) == "on"]):
+            raise ValueError(f"kernels.{cuda_only[0]}: on needs a CUDA device, and train.device "
+                             f"is cpu; set train.kernels.{cuda_only[0]}: auto (or device: cuda)")
         return self
 
     @property

@@ -147,9 +147,12 @@ def test_a_training_step_with_the_kinds_configuration_runs_on_the_cpu(converted,
 
 def test_a_forced_kernel_the_host_lacks_stops_the_trainer_before_any_step(converted, data,
                                                                           tmp_path):
-    j = job(converted, data, tmp_path / "save", metrics=str(tmp_path / "metrics.jsonl"),
-            kernels=KernelSettings(masked_softmax_fusion="on"))
-    j.write(tmp_path / "job.json")
+    """`device: auto` landed on a host without the kernel (a cpu job is refused earlier, by the
+    settings)."""
+    j = job(converted, data, tmp_path / "save", metrics=str(tmp_path / "metrics.jsonl"))
+    j.model_copy(update={"train": j.train.model_copy(update={
+        "device": "auto", "kernels": KernelSettings(masked_softmax_fusion="on")})}).write(
+        tmp_path / "job.json")
     proc = subprocess.run([sys.executable, "-m", "megatron_bridge.training",
                            str(tmp_path / "job.json")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -240,3 +243,17 @@ def test_the_transformer_engine_extras_pin_what_megatron_core_supports():
             if ours.specifier.contains(candidate):
                 assert theirs.specifier.contains(candidate, prereleases=True), (ours, candidate)
         assert ours.specifier.contains("2.11.0") and not ours.specifier.contains("0.0.0")
+
+
+def test_yaml_on_off_and_a_cuda_only_kernel_forced_on_a_cpu_job(tmp_path):
+    from settings import load_settings
+    from settings.models import TrainSettings
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  device: cuda\n  kernels:\n    transformer_engine: off\n"
+                    "    bias_dropout_fusion: on\n")
+    kernels = load_settings(str(path)).train.kernels
+    assert (kernels.transformer_engine, kernels.bias_dropout_fusion) == ("off", "on")
+    with pytest.raises(ValueError, match="kernels.apply_rope_fusion: on needs a CUDA device"):
+        TrainSettings(device="cpu", kernels={"apply_rope_fusion": "on"})
+    assert TrainSettings(device="cpu", kernels={"bias_dropout_fusion": "on"})  # builds on CPU
