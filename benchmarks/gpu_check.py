@@ -29,6 +29,7 @@ then train in bf16 on the CPU): it checks the script, not the device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -54,7 +55,7 @@ def log(message: str) -> None:
 
 
 class OutOfTime(Exception):
-    pass
+    """The check's deadline (`--budget-s`) came before the part could finish."""
 
 
 class Check:
@@ -264,7 +265,7 @@ def host(device: str, dry: bool) -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "cuda": torch.version.cuda, "megatron_core": megatron.core.__version__,
             "transformers": transformers.__version__, "dry_run": dry, "device": device,
-            "probes": probed.describe(), "kernels": kernels.summary(), "kernels_why": kernels.why,
+            "probes": dataclasses.asdict(probed), "kernels": kernels.summary(), "kernels_why": kernels.why,
             "peak_bf16_tflops": (peak := peak_flops(probed.device_name, "bf16")) and peak / 1e12}
 
 
@@ -300,8 +301,11 @@ def main() -> int:
             converted = check.part("convert", lambda: convert_big(check, work, device,
                                                                   args.dry_run))
         for seq in seqs if "train" not in args.skip else []:
-            check.part(f"train_{seq}", lambda seq=seq: train_big(check, work, device, seq, args.steps)
-                       if converted else {"skipped": "needs the convert part"})
+            if converted:
+                check.part(f"train_{seq}",
+                           lambda seq=seq: train_big(check, work, device, seq, args.steps))
+            else:
+                check.put(f"train_{seq}", {"skipped": "needs the convert part"})
     print(json.dumps(check.report, indent=2))
     return 1 if check.failed() else 0
 

@@ -91,7 +91,7 @@ def build_model(hf: dict[str, Any], tp: int = 1, pp: int = 1, dtype: torch.dtype
     kwargs = architecture_for(hf).config(hf)
     model_kwargs = kwargs.pop("model")
     dtype = dtype or hf_dtype(hf)
-    kernels = kernels or model_kernels(hf)
+    kernels = kernels or decide(Host.probe(), kwargs)
     settings = {
         **kwargs,
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
 
@@ -90,9 +90,6 @@ class Host:
             grad_accumulation_kernel=_imports(GRAD_ACCUMULATION_KERNEL),
             persist_layer_norm_kernel=_imports(PERSIST_LAYER_NORM_KERNEL, "FastLayerNormFN"),
             device_name=torch.cuda.get_device_name() if cuda else None)
-
-    def describe(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

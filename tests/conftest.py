@@ -389,3 +389,21 @@ class EosAfter:
         if input_ids.shape[1] - self.start >= self.n:
             scores[:, self.eos] = scores.max() + 100
         return scores
+
+
+def asking_for(model, key: str, data=None):
+    """The model's sharded request plus, per layer, an object stacked along the layers as
+    megatron shards them (what a Transformer Engine layer adds for `..._extra_state`; `data`:
+    what it saves)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    plain = model.sharded_state_dict
+    layers = len(model.decoder.layers)
+
+    def sharded_state_dict(*args, **kwargs):
+        return {**plain(*args, **kwargs), **{
+            key.replace("layers.", f"layers.{i}."): ShardedObject(key, data, (layers,), (i,), 0)
+            for i in range(layers)}}
+
+    model.sharded_state_dict = sharded_state_dict
+    return model

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron_bridge.host import Host, Kernels, decide
 from settings.errors import UserError
 from settings.models import KernelSettings
-from tests.conftest import ROOT, job
+from tests.conftest import ROOT, asking_for, job
 
 NONE = dict(cuda=False, transformer_engine=False, te_fused_rope=False, compiler=False,
             softmax_kernels=False, grad_accumulation_kernel=False,
@@ -164,23 +164,6 @@ def test_a_forced_kernel_the_host_lacks_stops_the_trainer_before_any_step(conver
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "save").exists()
 
 
-def _asking_for(model, key: str, data=None):
-    """The model's sharded request plus, per layer, an object stacked along the layers as
-    megatron shards them — what a Transformer Engine layer adds for `..._extra_state`."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    plain = model.sharded_state_dict
-    layers = len(model.decoder.layers)
-
-    def sharded_state_dict(*args, **kwargs):
-        return {**plain(*args, **kwargs), **{
-            key.replace("layers.", f"layers.{i}."): ShardedObject(key, data, (layers,), (i,), 0)
-            for i in range(layers)}}
-
-    model.sharded_state_dict = sharded_state_dict
-    return model
-
-
 def test_a_run_resumes_across_hosts_with_and_without_transformer_engine(converted, data,
                                                                         tmp_path):
     """A checkpoint saved without Transformer Engine resumes on a TE host (whose layers ask for
@@ -204,19 +187,19 @@ def test_a_run_resumes_across_hosts_with_and_without_transformer_engine(converte
     with model_parallel(1, 1, seed=0):
         resumed = params(build_stepper(plain_job, meta, 2))
         te_host = build_stepper(plain_job, meta, None)
-        _asking_for(te_host.module, extra)
+        asking_for(te_host.module, extra)
         state.load(tmp_path / "plain", 2, te_host, meta)  # no _extra_state in the checkpoint
         assert params(te_host).keys() == resumed.keys()
         assert all(torch.equal(params(te_host)[k], resumed[k]) for k in resumed)
 
-        _asking_for(te_host.module, extra, io.BytesIO(b"fp8 metadata"))
+        asking_for(te_host.module, extra, io.BytesIO(b"fp8 metadata"))
         state.save(tmp_path / "te", 2, te_host, trained_metadata(meta, plain_job.train), 1)
         local = build_stepper(plain_job, meta, None)
         state.load(tmp_path / "te", 2, local, meta)  # _extra_state in the checkpoint, unasked
         assert all(torch.equal(params(local)[k], resumed[k]) for k in resumed)
 
         other = build_stepper(plain_job, meta, None)
-        _asking_for(other.module, "decoder.layers.mlp.router.weight")
+        asking_for(other.module, "decoder.layers.mlp.router.weight")
         with pytest.raises(UserError, match=r"checkpoint lacks \['decoder.layers.mlp.router"):
             state.load(tmp_path / "plain", 2, other, meta)
 

@@ -17,7 +17,7 @@ from megatron_bridge.__main__ import main as bridge_main
 from megatron_bridge.__main__ import verify
 from megatron_bridge.convert import hf_to_mcore, mcore_to_hf
 from megatron_bridge.models import ARCHITECTURES, Geometry, Kind, to_hf, to_megatron
-from tests.conftest import FAMILIES, load_folder, tiny_hf
+from tests.conftest import FAMILIES, asking_for, load_folder, tiny_hf
 
 
 def assert_bit_exact(a_dir: Path, b_dir: Path) -> None:
@@ -228,8 +228,6 @@ def test_a_transformer_engine_model_loads_a_checkpoint_written_without_it(tmp_pa
     """TE's attention asks for `core_attention._extra_state` (FP8 metadata), which a checkpoint
     converted on a host without TE lacks (megatron's local attention has none): it starts from
     defaults; any other key a checkpoint lacks is refused."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     from megatron_bridge import checkpoint
     from megatron_bridge.build import build_model
     from settings.errors import UserError
@@ -238,19 +236,6 @@ def test_a_transformer_engine_model_loads_a_checkpoint_written_without_it(tmp_pa
     hf = tiny_hf(tmp_path / "hf", "qwen2")
     hf_to_mcore(hf, tmp_path / "mcore", 1, 1)
     meta = checkpoint.read_metadata(tmp_path / "mcore")
-
-    def asking_for(model, key):
-        """The model's real request plus, per layer, what a TE layer adds (one object per layer,
-        stacked along the layers as megatron shards them)."""
-        plain = model.sharded_state_dict
-
-        def sharded_state_dict(*args, **kwargs):
-            extra = {key.replace("layers.", f"layers.{i}."): ShardedObject(key, None, (2,), (i,), 0)
-                     for i in range(2)}
-            return {**plain(*args, **kwargs), **extra}
-
-        model.sharded_state_dict = sharded_state_dict
-        return model
 
     with model_parallel(1, 1):
         model = asking_for(build_model(meta["hf_config"]),
